@@ -1,0 +1,1 @@
+//! context (see DESIGN.md).

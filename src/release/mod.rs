@@ -1,0 +1,1 @@
+//! release (see DESIGN.md).
