@@ -5,6 +5,7 @@
 
 pub mod build;
 pub mod context;
+pub mod diagnostic;
 pub mod digest;
 pub mod dockerfile;
 pub mod graph;

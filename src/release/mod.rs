@@ -1,1 +1,3 @@
-//! release (see DESIGN.md).
+//! Releases: environments, tag templates, the semver policy, push and promotion plans.
+
+pub mod template;
