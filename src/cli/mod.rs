@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod fleet;
 mod graph;
 mod output;
 mod plan;

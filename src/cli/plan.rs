@@ -1,8 +1,10 @@
 //! `ferry plan`: what would be built, in which order, with which tags.
 
 use clap::Args;
+use ferry::plan::{Plan, SourceInfo};
 
-use super::{CliError, CliResult, GlobalArgs, Printer};
+use super::fleet::{graph_error, load_graph, load_manifest, parse_build_arg};
+use super::{CliError, CliResult, ExitStatus, GlobalArgs, Printer};
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
@@ -11,8 +13,25 @@ pub struct PlanArgs {
     /// Render tags for this environment only.
     #[arg(long)]
     pub env: Option<String>,
+    /// Also select the descendants of the named images.
+    #[arg(long)]
+    pub with_dependents: bool,
+    /// A build arg for every image, overriding images.toml (repeatable).
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_build_arg)]
+    pub args: Vec<(String, String)>,
 }
 
-pub fn run(_global: &GlobalArgs, _args: PlanArgs, _printer: &Printer) -> CliResult {
-    Err(CliError::invalid(miette::miette!("ferry plan is being written")))
+pub fn run(global: &GlobalArgs, args: PlanArgs, printer: &Printer) -> CliResult {
+    let manifest = load_manifest(global)?;
+    let graph = load_graph(&manifest, &args.args.iter().cloned().collect())?;
+    let selected = graph.select(&args.images, args.with_dependents).map_err(|e| graph_error(&manifest, e))?;
+    let info = SourceInfo::discover(&manifest.root);
+    let plan = Plan::new(&manifest, &graph, &selected, args.env.as_deref(), &info)
+        .map_err(|e| CliError::invalid(miette::Report::msg(e.to_string())))?;
+    if printer.json {
+        printer.json(&serde_json::to_value(&plan).unwrap_or_default());
+    } else {
+        printer.text(&plan.to_text());
+    }
+    Ok(ExitStatus::Success)
 }

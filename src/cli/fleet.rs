@@ -1,0 +1,34 @@
+//! Loading the manifest and the graph for a command, with errors mapped to exit codes.
+
+use std::collections::BTreeMap;
+
+use ferry::graph::{Graph, GraphError};
+use ferry::manifest::Manifest;
+
+use super::{CliError, GlobalArgs};
+
+pub fn load_manifest(global: &GlobalArgs) -> Result<Manifest, CliError> {
+    Manifest::load(&global.file).map_err(|e| CliError::invalid(e.into_report()))
+}
+
+pub fn graph_error(manifest: &Manifest, e: GraphError) -> CliError {
+    match e {
+        GraphError::Manifest(problems) => CliError::invalid(
+            ferry::diagnostic::Problems { file: manifest.file.clone(), problems }.into_report(),
+        ),
+        GraphError::Dockerfile(d) => CliError::invalid(d.into_report()),
+        other => CliError::invalid(miette::Report::msg(other.to_string())),
+    }
+}
+
+pub fn load_graph(manifest: &Manifest, args: &BTreeMap<String, String>) -> Result<Graph, CliError> {
+    Graph::build(manifest, args).map_err(|e| graph_error(manifest, e))
+}
+
+/// `--arg K=V` values.
+pub fn parse_build_arg(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got `{s}`")),
+    }
+}
