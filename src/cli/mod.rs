@@ -113,6 +113,10 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(&cli.global);
+    // Long messages stay on one line: they are grepped by users and CI logs.
+    let _ = miette::set_hook(Box::new(|_| {
+        Box::new(miette::MietteHandlerOpts::new().wrap_lines(false).build())
+    }));
     if let Some(dir) = &cli.global.directory {
         if let Err(e) = std::env::set_current_dir(dir) {
             eprintln!("error: cannot change to directory {}: {e}", dir.display());
