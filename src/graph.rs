@@ -63,7 +63,10 @@ pub enum GraphError {
 impl Graph {
     /// Parse every image's Dockerfile and infer the edges. `extra_args` (from `--arg`) override
     /// images.toml args.
-    pub fn build(manifest: &Manifest, extra_args: &BTreeMap<String, String>) -> Result<Graph, GraphError> {
+    pub fn build(
+        manifest: &Manifest,
+        extra_args: &BTreeMap<String, String>,
+    ) -> Result<Graph, GraphError> {
         let mut dag = DiGraph::new();
         let mut index = BTreeMap::new();
         for name in manifest.images.keys() {
@@ -74,24 +77,44 @@ impl Graph {
         let mut nodes = BTreeMap::new();
         let mut problems = Vec::new();
         for (name, image) in &manifest.images {
-            let display = format!("{}/{}", image.context_rel.trim_end_matches('/'), image.dockerfile_rel);
+            let display =
+                format!("{}/{}", image.context_rel.trim_end_matches('/'), image.dockerfile_rel);
             let dockerfile = Dockerfile::load(&image.dockerfile, &display)?;
             let mut args = image.args.clone();
             args.extend(extra_args.clone());
             let Some(target_stage) = dockerfile.target_stage(image.target.as_deref()) else {
-                let stages: Vec<String> = dockerfile.stages.iter().filter_map(|s| s.name.clone()).collect();
+                let stages: Vec<String> =
+                    dockerfile.stages.iter().filter_map(|s| s.name.clone()).collect();
                 let target = image.target.clone().unwrap_or_default();
                 problems.push(
                     manifest
-                        .image_problem(name, format!("image `{name}`: target stage `{target}` is not in {display}"), "this image")
-                        .with_help(match did_you_mean(&target, stages.iter().map(String::as_str)) {
-                            Some(s) => format!("did you mean `{s}`?"),
-                            None => format!("named stages: {}", if stages.is_empty() { "none".into() } else { stages.join(", ") }),
-                        }),
+                        .image_problem(
+                            name,
+                            format!("image `{name}`: target stage `{target}` is not in {display}"),
+                            "this image",
+                        )
+                        .with_help(
+                            match did_you_mean(&target, stages.iter().map(String::as_str)) {
+                                Some(s) => format!("did you mean `{s}`?"),
+                                None => format!(
+                                    "named stages: {}",
+                                    if stages.is_empty() {
+                                        "none".into()
+                                    } else {
+                                        stages.join(", ")
+                                    }
+                                ),
+                            },
+                        ),
                 );
                 continue;
             };
-            let resolver = Resolver { dockerfile: &dockerfile, args: &args, images: manifest, repositories: &repositories };
+            let resolver = Resolver {
+                dockerfile: &dockerfile,
+                args: &args,
+                images: manifest,
+                repositories: &repositories,
+            };
             let needs = resolver.needed_stages(target_stage)?;
             let mut parents = BTreeSet::new();
             let mut external = BTreeSet::new();
@@ -112,7 +135,11 @@ impl Graph {
             }
             parents.extend(image.depends_on.iter().cloned());
             parents.remove(name.as_str()).then(|| {
-                problems.push(manifest.image_problem(name, format!("dependency cycle: {name} → {name}"), "this image builds from itself"));
+                problems.push(manifest.image_problem(
+                    name,
+                    format!("dependency cycle: {name} → {name}"),
+                    "this image builds from itself",
+                ));
             });
             for p in &parents {
                 if let (Some(&from), Some(&to)) = (index.get(p), index.get(name)) {
@@ -162,7 +189,8 @@ impl Graph {
     fn topological(&self) -> Vec<String> {
         let mut indegree: BTreeMap<&str, usize> =
             self.nodes.iter().map(|(n, node)| (n.as_str(), node.parents.len())).collect();
-        let mut ready: BTreeSet<&str> = indegree.iter().filter(|(_, d)| **d == 0).map(|(n, _)| *n).collect();
+        let mut ready: BTreeSet<&str> =
+            indegree.iter().filter(|(_, d)| **d == 0).map(|(n, _)| *n).collect();
         let mut order = Vec::new();
         while let Some(n) = ready.pop_first() {
             order.push(n.to_string());
@@ -205,8 +233,11 @@ impl Graph {
 
     pub fn children(&self, name: &str) -> Vec<String> {
         let Some(&ix) = self.index.get(name) else { return Vec::new() };
-        let mut v: Vec<String> =
-            self.dag.neighbors_directed(ix, Direction::Outgoing).map(|c| self.dag[c].clone()).collect();
+        let mut v: Vec<String> = self
+            .dag
+            .neighbors_directed(ix, Direction::Outgoing)
+            .map(|c| self.dag[c].clone())
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -214,7 +245,8 @@ impl Graph {
 
     fn closure(&self, start: &BTreeSet<String>, dir: Direction) -> BTreeSet<String> {
         let mut seen = start.clone();
-        let mut stack: Vec<NodeIndex> = start.iter().filter_map(|n| self.index.get(n).copied()).collect();
+        let mut stack: Vec<NodeIndex> =
+            start.iter().filter_map(|n| self.index.get(n).copied()).collect();
         while let Some(ix) = stack.pop() {
             for next in self.dag.neighbors_directed(ix, dir) {
                 if seen.insert(self.dag[next].clone()) {
@@ -228,7 +260,11 @@ impl Graph {
     /// The images to work on for a selection: the named ones and their ancestors; with
     /// `with_dependents`, their descendants too (and those descendants' ancestors, so the
     /// set is buildable). No names selects everything.
-    pub fn select(&self, names: &[String], with_dependents: bool) -> Result<BTreeSet<String>, GraphError> {
+    pub fn select(
+        &self,
+        names: &[String],
+        with_dependents: bool,
+    ) -> Result<BTreeSet<String>, GraphError> {
         if names.is_empty() {
             return Ok(self.nodes.keys().cloned().collect());
         }
@@ -237,7 +273,8 @@ impl Graph {
             if !self.nodes.contains_key(n) {
                 return Err(GraphError::UnknownImage {
                     name: n.clone(),
-                    suggestion: did_you_mean(n, self.nodes.keys().map(String::as_str)).map(str::to_string),
+                    suggestion: did_you_mean(n, self.nodes.keys().map(String::as_str))
+                        .map(str::to_string),
                 });
             }
             start.insert(n.clone());
@@ -275,8 +312,10 @@ fn cycles(dag: &DiGraph<String, ()>, manifest: &Manifest) -> Vec<Problem> {
         let mut seen = BTreeSet::from([start]);
         let mut cur = start;
         loop {
-            let mut next: Vec<NodeIndex> =
-                dag.neighbors_directed(cur, Direction::Outgoing).filter(|n| members.contains(n)).collect();
+            let mut next: Vec<NodeIndex> = dag
+                .neighbors_directed(cur, Direction::Outgoing)
+                .filter(|n| members.contains(n))
+                .collect();
             next.sort_by_key(|ix| dag[*ix].clone());
             if next.contains(&start) {
                 path.push(start);
@@ -328,7 +367,11 @@ impl Resolver<'_> {
                 };
                 let value = match (self.args.get(&name), default) {
                     (Some(v), _) => Some(v.clone()),
-                    (None, Some(d)) => Some(lexer.expand_word(d, &vars).map_err(|e| self.expand_error(ins.span.clone(), e))?),
+                    (None, Some(d)) => Some(
+                        lexer
+                            .expand_word(d, &vars)
+                            .map_err(|e| self.expand_error(ins.span.clone(), e))?,
+                    ),
                     (None, None) => None,
                 };
                 if let Some(v) = value {
@@ -339,7 +382,11 @@ impl Resolver<'_> {
         Ok(vars)
     }
 
-    fn expand_error(&self, span: std::ops::Range<usize>, e: crate::dockerfile::expand::ExpandError) -> DockerfileError {
+    fn expand_error(
+        &self,
+        span: std::ops::Range<usize>,
+        e: crate::dockerfile::expand::ExpandError,
+    ) -> DockerfileError {
         DockerfileError::Syntax(Box::new(crate::diagnostic::Problems {
             file: self.dockerfile.file.clone(),
             problems: vec![self.dockerfile.problem(span, e.to_string(), "cannot expand")],
@@ -358,7 +405,11 @@ impl Resolver<'_> {
                 file: self.dockerfile.file.clone(),
                 problems: vec![self
                     .dockerfile
-                    .problem(stage.from.span.clone(), format!("FROM `{}` expands to an empty image name", stage.from.image), "empty after expansion")
+                    .problem(
+                        stage.from.span.clone(),
+                        format!("FROM `{}` expands to an empty image name", stage.from.image),
+                        "empty after expansion",
+                    )
                     .with_help("give the ARG a default or set it in images.toml `args`")],
             })));
         }
@@ -371,7 +422,10 @@ impl Resolver<'_> {
             return BaseRef::Scratch;
         }
         let lower = word.to_lowercase();
-        if let Some(i) = self.dockerfile.stages[..before].iter().position(|s| s.name.as_deref() == Some(lower.as_str())) {
+        if let Some(i) = self.dockerfile.stages[..before]
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+        {
             return BaseRef::Stage(i);
         }
         if by_index {
@@ -393,7 +447,10 @@ impl Resolver<'_> {
 
     /// The target and every stage it needs, each with the references it makes (its FROM,
     /// `COPY --from`, `RUN --mount=from=`), in Dockerfile order.
-    fn needed_stages(&self, target: usize) -> Result<BTreeMap<usize, Vec<BaseRef>>, DockerfileError> {
+    fn needed_stages(
+        &self,
+        target: usize,
+    ) -> Result<BTreeMap<usize, Vec<BaseRef>>, DockerfileError> {
         let mut needed: BTreeMap<usize, Vec<BaseRef>> = BTreeMap::new();
         let mut stack = vec![target];
         let vars = self.global_vars()?;
@@ -405,7 +462,9 @@ impl Resolver<'_> {
             let mut refs = vec![self.stage_base(i)?];
             for ins in &self.dockerfile.stages[i].instructions {
                 for word in from_words(&ins.kind) {
-                    let word = lexer.expand_word(&word, &vars).map_err(|e| self.expand_error(ins.span.clone(), e))?;
+                    let word = lexer
+                        .expand_word(&word, &vars)
+                        .map_err(|e| self.expand_error(ins.span.clone(), e))?;
                     refs.push(self.resolve(&word, i, true));
                 }
             }
@@ -430,7 +489,12 @@ pub fn from_words(kind: &Kind) -> Vec<String> {
             .iter()
             .filter(|f| f.name == "mount")
             .filter_map(|f| f.value.as_deref())
-            .flat_map(|v| v.split(',').filter_map(|kv| kv.strip_prefix("from=")).map(str::to_string).collect::<Vec<_>>())
+            .flat_map(|v| {
+                v.split(',')
+                    .filter_map(|kv| kv.strip_prefix("from="))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
             .collect(),
         _ => Vec::new(),
     }

@@ -83,12 +83,18 @@ impl SourceInfo {
     pub fn discover(dir: &Path) -> SourceInfo {
         let git = |args: &[&str]| -> Option<String> {
             let out = Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
-            out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+                .filter(|s| !s.is_empty())
         };
-        let env = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
-        let branch = git(&["rev-parse", "--abbrev-ref", "HEAD"])
-            .filter(|b| b != "HEAD")
-            .or_else(|| env(&["GITHUB_HEAD_REF", "GITHUB_REF_NAME", "CI_COMMIT_REF_NAME", "BRANCH_NAME"]));
+        let env = |names: &[&str]| {
+            names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+        };
+        let branch =
+            git(&["rev-parse", "--abbrev-ref", "HEAD"]).filter(|b| b != "HEAD").or_else(|| {
+                env(&["GITHUB_HEAD_REF", "GITHUB_REF_NAME", "CI_COMMIT_REF_NAME", "BRANCH_NAME"])
+            });
         let now = std::env::var("SOURCE_DATE_EPOCH")
             .ok()
             .and_then(|s| s.parse::<i64>().ok())
@@ -104,7 +110,11 @@ impl SourceInfo {
 }
 
 /// The references an image gets in one environment.
-pub fn render_tags(image: &Image, env: &Environment, info: &SourceInfo) -> Result<EnvironmentTags, PlanError> {
+pub fn render_tags(
+    image: &Image,
+    env: &Environment,
+    info: &SourceInfo,
+) -> Result<EnvironmentTags, PlanError> {
     let values = TagValues {
         version: image.version.clone(),
         git_sha: info.git_sha.clone(),
@@ -114,7 +124,10 @@ pub fn render_tags(image: &Image, env: &Environment, info: &SourceInfo) -> Resul
         date: info.date.clone(),
         image: image.name.clone(),
     };
-    let mut out = EnvironmentTags { repository: format!("{}/{}", env.registry, image.repository), ..Default::default() };
+    let mut out = EnvironmentTags {
+        repository: format!("{}/{}", env.registry, image.repository),
+        ..Default::default()
+    };
     for template in env.tags.iter().chain(&image.tags) {
         match template.render(&values) {
             Ok(Rendered::Tag(t)) => {
@@ -126,7 +139,11 @@ pub fn render_tags(image: &Image, env: &Environment, info: &SourceInfo) -> Resul
                 out.skipped.push(SkippedTag { template: template.to_string(), reason })
             }
             Err(source) => {
-                return Err(PlanError::InvalidTag { image: image.name.clone(), env: env.name.clone(), source })
+                return Err(PlanError::InvalidTag {
+                    image: image.name.clone(),
+                    env: env.name.clone(),
+                    source,
+                })
             }
         }
     }
@@ -143,11 +160,16 @@ impl Plan {
         info: &SourceInfo,
     ) -> Result<Plan, PlanError> {
         let envs: Vec<&Environment> = match env {
-            Some(e) => vec![manifest.environments.get(e).ok_or_else(|| PlanError::UnknownEnvironment {
-                env: e.to_string(),
-                suggestion: crate::diagnostic::did_you_mean(e, manifest.environments.keys().map(String::as_str))
+            Some(e) => {
+                vec![manifest.environments.get(e).ok_or_else(|| PlanError::UnknownEnvironment {
+                    env: e.to_string(),
+                    suggestion: crate::diagnostic::did_you_mean(
+                        e,
+                        manifest.environments.keys().map(String::as_str),
+                    )
                     .map(str::to_string),
-            })?],
+                })?]
+            }
             None => manifest.environments.values().collect(),
         };
         let mut images = Vec::new();
@@ -159,17 +181,27 @@ impl Plan {
             let mut environments = BTreeMap::new();
             for e in &envs {
                 if e.require_version && image.version.is_none() && env.is_some() {
-                    return Err(PlanError::VersionRequired { image: image.name.clone(), env: e.name.clone() });
+                    return Err(PlanError::VersionRequired {
+                        image: image.name.clone(),
+                        env: e.name.clone(),
+                    });
                 }
                 environments.insert(e.name.clone(), render_tags(image, e, info)?);
             }
             let df = &node.dockerfile;
-            let target = df.stages[node.target_stage].name.clone().unwrap_or_else(|| format!("#{}", node.target_stage));
+            let target = df.stages[node.target_stage]
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("#{}", node.target_stage));
             images.push(PlannedImage {
                 name: node.name.clone(),
                 level: node.level,
                 parents: node.parents.iter().cloned().collect(),
-                children: graph.children(&node.name).into_iter().filter(|c| selected.contains(c)).collect(),
+                children: graph
+                    .children(&node.name)
+                    .into_iter()
+                    .filter(|c| selected.contains(c))
+                    .collect(),
                 external_bases: node.external_bases.iter().cloned().collect(),
                 context: image.context_rel.clone(),
                 dockerfile: image.dockerfile_rel.clone(),
@@ -219,7 +251,13 @@ impl Plan {
                 img.name,
                 img.version.as_ref().map(|v| format!(" {v}")).unwrap_or_default()
             );
-            let _ = writeln!(s, "    dockerfile  {}/{} (target {})", img.context.trim_end_matches('/'), img.dockerfile, img.target);
+            let _ = writeln!(
+                s,
+                "    dockerfile  {}/{} (target {})",
+                img.context.trim_end_matches('/'),
+                img.dockerfile,
+                img.target
+            );
             let _ = writeln!(s, "    repository  {}", img.repository);
             if !img.parents.is_empty() {
                 let _ = writeln!(s, "    parents     {}", img.parents.join(", "));
@@ -228,10 +266,15 @@ impl Plan {
                 let _ = writeln!(s, "    external    {}", img.external_bases.join(", "));
             }
             for (env, tags) in &img.environments {
-                let list = if tags.tags.is_empty() { "(no tags)".to_string() } else { tags.tags.join(", ") };
+                let list = if tags.tags.is_empty() {
+                    "(no tags)".to_string()
+                } else {
+                    tags.tags.join(", ")
+                };
                 let _ = writeln!(s, "    {:<11} {}:{}", env, tags.repository, list);
                 for skip in &tags.skipped {
-                    let _ = writeln!(s, "    {:<11}   skipped {}: {}", "", skip.template, skip.reason);
+                    let _ =
+                        writeln!(s, "    {:<11}   skipped {}: {}", "", skip.template, skip.reason);
                 }
             }
         }

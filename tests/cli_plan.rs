@@ -28,7 +28,9 @@ fn snapshot(dir: &std::path::Path, f: impl FnOnce()) {
 }
 
 fn regex_escape(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_string() } else { format!("\\{c}") }).collect()
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_string() } else { format!("\\{c}") })
+        .collect()
 }
 
 #[test]
@@ -36,12 +38,18 @@ fn plan_json_lists_every_image_with_level_and_parents() {
     let dir = top_level_fleet();
     let out = ferry(dir.path()).args(["plan", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("exactly one JSON document");
+    let plan: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("exactly one JSON document");
     let images = plan["images"].as_array().unwrap();
     let summary: Vec<(String, u64, Vec<String>)> = images
         .iter()
         .map(|i| {
-            let parents = i["parents"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+            let parents = i["parents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_string())
+                .collect();
             (i["name"].as_str().unwrap().to_string(), i["level"].as_u64().unwrap(), parents)
         })
         .collect();
@@ -66,7 +74,8 @@ fn plan_of_the_busybox_fleet() {
     let out = ferry(&dir.path().join("examples/busybox")).arg("plan").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     snapshot(dir.path(), || insta::assert_snapshot!(stdout(&out)));
-    let out = ferry(&dir.path().join("examples/busybox")).args(["plan", "--json"]).output().unwrap();
+    let out =
+        ferry(&dir.path().join("examples/busybox")).args(["plan", "--json"]).output().unwrap();
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     snapshot(dir.path(), || insta::assert_json_snapshot!(plan));
 }
@@ -78,23 +87,40 @@ fn selecting_an_image_brings_its_ancestors_and_with_dependents_its_descendants()
         let out = ferry(dir.path()).args(["plan", "--json"]).args(args).output().unwrap();
         assert!(out.status.success());
         let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        plan["images"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_string()).collect()
+        plan["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(names(&["api"]), ["base", "tools", "runtime", "api"]);
-    assert_eq!(names(&["base", "--with-dependents"]), ["base", "tools", "runtime", "api", "web", "worker"]);
-    assert_eq!(names(&["tools", "--with-dependents"]), ["base", "tools", "runtime", "api", "worker"]);
+    assert_eq!(
+        names(&["base", "--with-dependents"]),
+        ["base", "tools", "runtime", "api", "web", "worker"]
+    );
+    assert_eq!(
+        names(&["tools", "--with-dependents"]),
+        ["base", "tools", "runtime", "api", "worker"]
+    );
 }
 
 #[test]
 fn plan_for_one_environment_and_the_prerelease_rule() {
     let dir = top_level_fleet();
-    let out = ferry(dir.path()).args(["plan", "--env", "prod", "--json", "web", "api"]).output().unwrap();
+    let out =
+        ferry(dir.path()).args(["plan", "--env", "prod", "--json", "web", "api"]).output().unwrap();
     assert!(out.status.success());
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let tags = |name: &str| -> Vec<String> {
         let img = plan["images"].as_array().unwrap().iter().find(|i| i["name"] == name).unwrap();
         assert_eq!(img["environments"].as_object().unwrap().keys().collect::<Vec<_>>(), ["prod"]);
-        img["environments"]["prod"]["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
+        img["environments"]["prod"]["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
     };
     // web is 2.1.0-rc.1: no floating tags.
     assert_eq!(tags("web"), ["2.1.0-rc.1"]);
@@ -115,19 +141,27 @@ fn graph_formats() {
 fn invalid_manifest_exits_2_with_file_line_and_column() {
     let dir = top_level_fleet();
     let toml = std::fs::read_to_string(dir.path().join("images.toml")).unwrap();
-    std::fs::write(dir.path().join("images.toml"), toml.replace("version = \"2.0.0\"", "version = \"2.0\"")).unwrap();
+    std::fs::write(
+        dir.path().join("images.toml"),
+        toml.replace("version = \"2.0.0\"", "version = \"2.0\""),
+    )
+    .unwrap();
     let out = ferry(dir.path()).arg("plan").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("images.toml:27:11: image `api`: `2.0` is not a semantic version"), "{err}");
+    assert!(
+        err.contains("images.toml:27:11: image `api`: `2.0` is not a semantic version"),
+        "{err}"
+    );
 }
 
 #[test]
 fn invalid_tag_render_names_image_environment_and_template() {
     let dir = top_level_fleet();
     let toml = std::fs::read_to_string(dir.path().join("images.toml")).unwrap();
-    std::fs::write(dir.path().join("images.toml"), toml.replace("\"dev\"]", "\".{image}\"]")).unwrap();
+    std::fs::write(dir.path().join("images.toml"), toml.replace("\"dev\"]", "\".{image}\"]"))
+        .unwrap();
     let out = ferry(dir.path()).arg("plan").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -139,16 +173,23 @@ fn unknown_image_and_environment_exit_2() {
     let dir = top_level_fleet();
     let out = ferry(dir.path()).args(["plan", "apii"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown image `apii`; did you mean `api`?"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown image `apii`; did you mean `api`?")
+    );
     let out = ferry(dir.path()).args(["plan", "--env", "stage"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown environment `stage`; did you mean `staging`?"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("unknown environment `stage`; did you mean `staging`?"));
 }
 
 #[test]
 fn dockerfile_error_exits_2_naming_file_and_line() {
     let dir = top_level_fleet();
-    std::fs::write(dir.path().join("examples/static/services/api/Dockerfile"), "FROM runtime\nCOPY onlyone\n").unwrap();
+    std::fs::write(
+        dir.path().join("examples/static/services/api/Dockerfile"),
+        "FROM runtime\nCOPY onlyone\n",
+    )
+    .unwrap();
     let out = ferry(dir.path()).arg("plan").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);

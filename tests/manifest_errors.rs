@@ -101,7 +101,10 @@ fn unknown_image_in_depends_on() {
     let toml = format!("{HEAD}\n[images.api]\ncontext = \"a\"\n\n[images.migrations]\ncontext = \"b\"\ndepends_on = [\"api\", \"migration\"]\n");
     let (line, col, msg, help) = one_problem(dir.path(), &toml);
     assert_eq!((line, col), (9, 22));
-    assert_eq!(msg, "image `migrations` depends on `migration`, which is not an image of this manifest");
+    assert_eq!(
+        msg,
+        "image `migrations` depends on `migration`, which is not an image of this manifest"
+    );
     assert_eq!(help.as_deref(), Some("did you mean `migrations`?"));
 }
 
@@ -111,7 +114,10 @@ fn unknown_environment_in_promote_from() {
     let toml = format!("{HEAD}\n[environments.staging]\nregistry = \"r.example.com/s\"\n\n[environments.prod]\nregistry = \"r.example.com/p\"\npromote_from = \"stagin\"\n");
     let (line, col, msg, help) = one_problem(dir.path(), &toml);
     assert_eq!((line, col), (9, 16));
-    assert_eq!(msg, "environment `prod` promotes from `stagin`, which is not an environment of this manifest");
+    assert_eq!(
+        msg,
+        "environment `prod` promotes from `stagin`, which is not an environment of this manifest"
+    );
     assert_eq!(help.as_deref(), Some("did you mean `staging`?"));
 }
 
@@ -148,7 +154,10 @@ fn invalid_registry_name() {
     let toml = format!("{HEAD}\n[environments.dev]\nregistry = \"https://r.example.com\"\n");
     let (line, col, msg, _) = one_problem(dir.path(), &toml);
     assert_eq!((line, col), (5, 12));
-    assert!(msg.starts_with("environment `dev`: invalid registry `https://r.example.com`"), "{msg}");
+    assert!(
+        msg.starts_with("environment `dev`: invalid registry `https://r.example.com`"),
+        "{msg}"
+    );
 
     let toml = format!("{HEAD}\n[registries.\"bad host!\"]\ninsecure = true\n");
     let (line, col, msg, _) = one_problem(dir.path(), &toml);
@@ -195,7 +204,9 @@ fn many_problems_are_reported_together() {
 fn graph_problems(dir: &Path, toml: &str) -> Vec<(usize, usize, String)> {
     let m = Manifest::from_source(SourceFile::new("images.toml", toml), dir).unwrap();
     match Graph::build(&m, &Default::default()) {
-        Err(GraphError::Manifest(ps)) => ps.iter().map(|p| (p.line, p.column, p.message.clone())).collect(),
+        Err(GraphError::Manifest(ps)) => {
+            ps.iter().map(|p| (p.line, p.column, p.message.clone())).collect()
+        }
         other => panic!("expected manifest problems, got {other:?}"),
     }
 }
@@ -204,14 +215,20 @@ fn graph_problems(dir: &Path, toml: &str) -> Vec<(usize, usize, String)> {
 fn dependency_cycle_is_spelled_out() {
     let dir = project(&[("a", "FROM b\n"), ("b", "FROM scratch\nCOPY --from=a / /\n")]);
     let toml = format!("{HEAD}\n[images.a]\ncontext = \"a\"\n\n[images.b]\ncontext = \"b\"\n");
-    assert_eq!(graph_problems(dir.path(), &toml), vec![(4, 9, "dependency cycle: a → b → a".to_string())]);
+    assert_eq!(
+        graph_problems(dir.path(), &toml),
+        vec![(4, 9, "dependency cycle: a → b → a".to_string())]
+    );
 }
 
 #[test]
 fn longer_cycle_through_depends_on_and_repository() {
     let dir = project(&[("a", "FROM acme/c:1.0\n"), ("b", "FROM a\n"), ("c", "FROM scratch\n")]);
     let toml = format!("{HEAD}\n[images.a]\ncontext = \"a\"\n\n[images.b]\ncontext = \"b\"\n\n[images.c]\ncontext = \"c\"\ndepends_on = [\"b\"]\n");
-    assert_eq!(graph_problems(dir.path(), &toml), vec![(4, 9, "dependency cycle: a → b → c → a".to_string())]);
+    assert_eq!(
+        graph_problems(dir.path(), &toml),
+        vec![(4, 9, "dependency cycle: a → b → c → a".to_string())]
+    );
 }
 
 #[test]

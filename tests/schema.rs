@@ -19,12 +19,23 @@ fn checked_in_schema_matches_the_types() {
 fn schema_describes_the_documented_keys() {
     let schema = ferry::manifest::json_schema();
     let image = &schema["$defs"]["ImageSection"]["properties"];
-    for key in ["context", "dockerfile", "version", "args", "labels", "target", "repository", "depends_on", "tags"] {
+    for key in [
+        "context",
+        "dockerfile",
+        "version",
+        "args",
+        "labels",
+        "target",
+        "repository",
+        "depends_on",
+        "tags",
+    ] {
         assert!(image.get(key).is_some(), "images.*.{key} missing from the schema");
     }
     assert_eq!(schema["$defs"]["ImageSection"]["additionalProperties"], false);
     let env = &schema["$defs"]["EnvironmentSection"]["properties"];
-    for key in ["registry", "tags", "require_version", "immutable", "promote_from", "release_only"] {
+    for key in ["registry", "tags", "require_version", "immutable", "promote_from", "release_only"]
+    {
         assert!(env.get(key).is_some(), "environments.*.{key} missing from the schema");
     }
 }

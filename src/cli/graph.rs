@@ -44,12 +44,18 @@ pub fn run(global: &GlobalArgs, args: GraphArgs, printer: &Printer) -> CliResult
             for (level, names) in graph.levels().iter().enumerate() {
                 for name in names {
                     let node = graph.node(name);
-                    let parents: Vec<String> = node.map(|n| n.parents.iter().cloned().collect()).unwrap_or_default();
-                    let external: Vec<String> =
-                        node.map(|n| n.external_bases.iter().cloned().collect()).unwrap_or_default();
+                    let parents: Vec<String> =
+                        node.map(|n| n.parents.iter().cloned().collect()).unwrap_or_default();
+                    let external: Vec<String> = node
+                        .map(|n| n.external_bases.iter().cloned().collect())
+                        .unwrap_or_default();
                     let mut from: Vec<String> = parents;
                     from.extend(external.iter().map(|e| format!("{e} (external)")));
-                    let from = if from.is_empty() { String::new() } else { format!(" <- {}", from.join(", ")) };
+                    let from = if from.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" <- {}", from.join(", "))
+                    };
                     out.push_str(&format!("{level}  {name}{from}\n"));
                 }
             }

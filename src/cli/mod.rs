@@ -40,9 +40,6 @@ impl CliError {
     pub fn invalid(report: impl Into<miette::Report>) -> CliError {
         CliError { status: ExitStatus::Invalid, report: report.into() }
     }
-    pub fn failure(report: impl Into<miette::Report>) -> CliError {
-        CliError { status: ExitStatus::Failure, report: report.into() }
-    }
 }
 
 pub type CliResult = Result<ExitStatus, CliError>;

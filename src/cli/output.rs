@@ -1,26 +1,17 @@
-//! The one place the CLI writes to the terminal: results on stdout (text or one JSON
-//! document), diagnostics and progress on stderr.
+//! The one place the CLI writes results: stdout gets text or exactly one JSON document;
+//! diagnostics go to stderr.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 
 use super::GlobalArgs;
 
 pub struct Printer {
     pub json: bool,
-    pub quiet: bool,
-    pub verbose: u8,
-    /// Whether stderr is a terminal: progress bars and colours only then.
-    pub stderr_is_terminal: bool,
 }
 
 impl Printer {
     pub fn new(global: &GlobalArgs) -> Printer {
-        Printer {
-            json: global.json,
-            quiet: global.quiet,
-            verbose: global.verbose,
-            stderr_is_terminal: std::io::stderr().is_terminal(),
-        }
+        Printer { json: global.json }
     }
 
     /// A command's text result on stdout.
@@ -37,18 +28,6 @@ impl Printer {
         let mut out = std::io::stdout().lock();
         let _ = serde_json::to_writer_pretty(&mut out, value);
         let _ = out.write_all(b"\n");
-    }
-
-    /// A status line on stderr (suppressed by -q).
-    pub fn status(&self, line: &str) {
-        if !self.quiet {
-            eprintln!("{line}");
-        }
-    }
-
-    /// A warning on stderr.
-    pub fn warn(&self, line: &str) {
-        eprintln!("warning: {line}");
     }
 
     /// A failure, rendered as a miette diagnostic on stderr.

@@ -24,7 +24,8 @@ pub struct PlanArgs {
 pub fn run(global: &GlobalArgs, args: PlanArgs, printer: &Printer) -> CliResult {
     let manifest = load_manifest(global)?;
     let graph = load_graph(&manifest, &args.args.iter().cloned().collect())?;
-    let selected = graph.select(&args.images, args.with_dependents).map_err(|e| graph_error(&manifest, e))?;
+    let selected =
+        graph.select(&args.images, args.with_dependents).map_err(|e| graph_error(&manifest, e))?;
     let info = SourceInfo::discover(&manifest.root);
     let plan = Plan::new(&manifest, &graph, &selected, args.env.as_deref(), &info)
         .map_err(|e| CliError::invalid(miette::Report::msg(e.to_string())))?;

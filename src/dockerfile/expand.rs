@@ -40,7 +40,12 @@ impl Lexer {
         self.expand_word_tracked(word, vars, &mut used)
     }
 
-    pub fn expand_word_tracked(&self, word: &str, vars: &Vars, used: &mut Used) -> Result<String, ExpandError> {
+    pub fn expand_word_tracked(
+        &self,
+        word: &str,
+        vars: &Vars,
+        used: &mut Used,
+    ) -> Result<String, ExpandError> {
         let chars: Vec<char> = word.chars().collect();
         let mut p = Parser { chars: &chars, pos: 0, escape: self.escape, vars, used };
         let (out, _) = p.word(&[])?;
@@ -54,7 +59,12 @@ impl Lexer {
         self.expand_words_tracked(text, vars, &mut used)
     }
 
-    pub fn expand_words_tracked(&self, text: &str, vars: &Vars, used: &mut Used) -> Result<Vec<String>, ExpandError> {
+    pub fn expand_words_tracked(
+        &self,
+        text: &str,
+        vars: &Vars,
+        used: &mut Used,
+    ) -> Result<Vec<String>, ExpandError> {
         let mut words = Vec::new();
         for raw in split_words(text, self.escape) {
             let quoted = raw.contains(['"', '\'']);
@@ -272,13 +282,26 @@ impl Parser<'_> {
                     None => false,
                 };
                 Ok(match op {
-                    '-' => if set { value.unwrap_or_default() } else { word },
-                    '+' => if set { word } else { String::new() },
+                    '-' => {
+                        if set {
+                            value.unwrap_or_default()
+                        } else {
+                            word
+                        }
+                    }
+                    '+' => {
+                        if set {
+                            word
+                        } else {
+                            String::new()
+                        }
+                    }
                     _ => {
                         if set {
                             value.unwrap_or_default()
                         } else {
-                            let message = if word.is_empty() { "is not set".to_string() } else { word };
+                            let message =
+                                if word.is_empty() { "is not set".to_string() } else { word };
                             return Err(ExpandError::Required { name, message });
                         }
                     }
@@ -298,7 +321,10 @@ mod tests {
     use super::*;
 
     fn vars() -> Vars {
-        [("A", "a"), ("EMPTY", ""), ("SP", "x y")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        [("A", "a"), ("EMPTY", ""), ("SP", "x y")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn ex(w: &str) -> String {
@@ -364,7 +390,10 @@ mod tests {
     #[test]
     fn words() {
         let l = Lexer::default();
-        assert_eq!(l.expand_words("a  $A \"b c\" $UNSET ''", &vars()).unwrap(), ["a", "a", "b c", ""]);
+        assert_eq!(
+            l.expand_words("a  $A \"b c\" $UNSET ''", &vars()).unwrap(),
+            ["a", "a", "b c", ""]
+        );
         assert_eq!(split_words("A=1 B=\"x y\" C='$z'", '\\'), ["A=1", "B=\"x y\"", "C='$z'"]);
     }
 

@@ -83,9 +83,21 @@ pub enum Kind {
     /// Raw `KEY=VALUE` words, or the legacy `KEY VALUE` form turned into one pair.
     Env(Vec<(String, String)>),
     Label(Vec<(String, String)>),
-    Run { flags: Vec<Flag>, command: Command, heredocs: Vec<HereDoc> },
-    Copy { flags: Vec<Flag>, sources: Vec<Source>, dest: String },
-    Add { flags: Vec<Flag>, sources: Vec<Source>, dest: String },
+    Run {
+        flags: Vec<Flag>,
+        command: Command,
+        heredocs: Vec<HereDoc>,
+    },
+    Copy {
+        flags: Vec<Flag>,
+        sources: Vec<Source>,
+        dest: String,
+    },
+    Add {
+        flags: Vec<Flag>,
+        sources: Vec<Source>,
+        dest: String,
+    },
     Cmd(Command),
     Entrypoint(Command),
     Shell(Vec<String>),
@@ -94,7 +106,10 @@ pub enum Kind {
     Expose(Vec<String>),
     Volume(Vec<String>),
     Stopsignal(String),
-    Healthcheck { flags: Vec<Flag>, command: Option<Command> },
+    Healthcheck {
+        flags: Vec<Flag>,
+        command: Option<Command>,
+    },
     /// The trigger instruction's text, run when a child image builds FROM this one.
     Onbuild(String),
     Maintainer(String),
@@ -127,10 +142,8 @@ impl Kind {
 impl Dockerfile {
     /// Read and parse a Dockerfile; `display_name` is how errors name it.
     pub fn load(path: &Path, display_name: &str) -> Result<Dockerfile, DockerfileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| DockerfileError::Read {
-            file: display_name.to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| DockerfileError::Read { file: display_name.to_string(), source })?;
         Dockerfile::parse(SourceFile::new(display_name, text))
     }
 
@@ -140,8 +153,13 @@ impl Dockerfile {
             let span = file.line_span(line);
             return Err(DockerfileError::Syntax(Box::new(Problems {
                 file: file.clone(),
-                problems: vec![Problem::new(&file, span, format!("{keyword} before the first FROM"), "only ARG may come before FROM")
-                    .with_help("a Dockerfile starts with FROM, optionally after ARG lines")],
+                problems: vec![Problem::new(
+                    &file,
+                    span,
+                    format!("{keyword} before the first FROM"),
+                    "only ARG may come before FROM",
+                )
+                .with_help("a Dockerfile starts with FROM, optionally after ARG lines")],
             })));
         }
         let parsed = pd::parse(&text).map_err(|e| {
@@ -165,14 +183,27 @@ impl Dockerfile {
                     let mut platform = None;
                     for flag in &f.options {
                         match flag.name.value.as_ref() {
-                            "platform" => platform = flag.value.as_ref().map(|v| v.value.to_string()),
-                            other => return Err(conv.error(flag.span(), format!("FROM does not take --{other}"), "unknown flag")),
+                            "platform" => {
+                                platform = flag.value.as_ref().map(|v| v.value.to_string())
+                            }
+                            other => {
+                                return Err(conv.error(
+                                    flag.span(),
+                                    format!("FROM does not take --{other}"),
+                                    "unknown flag",
+                                ))
+                            }
                         }
                     }
                     stages.push(Stage {
                         index: stages.len(),
                         name: f.as_.as_ref().map(|(_, n)| n.value.to_lowercase()),
-                        from: From { image: f.image.value.to_string(), platform, line: conv.line(span.start), span },
+                        from: From {
+                            image: f.image.value.to_string(),
+                            platform,
+                            line: conv.line(span.start),
+                            span,
+                        },
                         instructions: Vec::new(),
                     });
                 }
@@ -180,9 +211,15 @@ impl Dockerfile {
                     let converted = conv.instruction(other)?;
                     match stages.last_mut() {
                         Some(stage) => stage.instructions.push(converted),
-                        None if matches!(converted.kind, Kind::Arg(_)) => global_args.push(converted),
+                        None if matches!(converted.kind, Kind::Arg(_)) => {
+                            global_args.push(converted)
+                        }
                         None => {
-                            return Err(conv.error(converted.span, format!("{} before the first FROM", converted.kind.keyword()), "only ARG may come before FROM"));
+                            return Err(conv.error(
+                                converted.span,
+                                format!("{} before the first FROM", converted.kind.keyword()),
+                                "only ARG may come before FROM",
+                            ));
                         }
                     }
                 }
@@ -190,13 +227,21 @@ impl Dockerfile {
         }
         if stages.is_empty() {
             let end = file.text.len();
-            return Err(conv.error(end..end, "the Dockerfile has no FROM instruction".into(), "end of file"));
+            return Err(conv.error(
+                end..end,
+                "the Dockerfile has no FROM instruction".into(),
+                "end of file",
+            ));
         }
         let mut seen = std::collections::BTreeMap::new();
         for s in &stages {
             if let Some(n) = &s.name {
                 if let Some(first) = seen.insert(n.clone(), s.from.line) {
-                    return Err(conv.error(s.from.span.clone(), format!("stage name `{n}` is already used by the stage at line {first}"), "duplicate stage name"));
+                    return Err(conv.error(
+                        s.from.span.clone(),
+                        format!("stage name `{n}` is already used by the stage at line {first}"),
+                        "duplicate stage name",
+                    ));
                 }
             }
         }
@@ -255,7 +300,13 @@ impl Converter<'_> {
     }
 
     fn flags(&self, flags: &[pd::Flag<'_>]) -> Vec<Flag> {
-        flags.iter().map(|f| Flag { name: f.name.value.to_string(), value: f.value.as_ref().map(|v| v.value.to_string()) }).collect()
+        flags
+            .iter()
+            .map(|f| Flag {
+                name: f.name.value.to_string(),
+                value: f.value.as_ref().map(|v| v.value.to_string()),
+            })
+            .collect()
     }
 
     /// Shell-form text keeps its line continuations in the parser's output; a shell would
@@ -266,7 +317,8 @@ impl Converter<'_> {
         let mut first = true;
         while let Some(line) = lines.next() {
             let trimmed = line.trim_start();
-            if !first && (trimmed.starts_with('#') || trimmed.is_empty()) && lines.peek().is_some() {
+            if !first && (trimmed.starts_with('#') || trimmed.is_empty()) && lines.peek().is_some()
+            {
                 continue;
             }
             first = false;
@@ -286,7 +338,9 @@ impl Converter<'_> {
 
     fn command(&self, c: &pd::Command<'_>) -> Command {
         match c {
-            pd::Command::Exec(v) => Command::Exec(v.value.iter().map(|s| s.value.to_string()).collect()),
+            pd::Command::Exec(v) => {
+                Command::Exec(v.value.iter().map(|s| s.value.to_string()).collect())
+            }
             pd::Command::Shell(s) => Command::Shell(self.join_continuations(s.value)),
             // The parser's enums are non-exhaustive; the pinned version has no other forms.
             _ => Command::Exec(Vec::new()),
@@ -310,10 +364,19 @@ impl Converter<'_> {
             .collect()
     }
 
-    fn pairs(&self, raw: &str, span: Range<usize>, what: &str) -> Result<Vec<(String, String)>, DockerfileError> {
+    fn pairs(
+        &self,
+        raw: &str,
+        span: Range<usize>,
+        what: &str,
+    ) -> Result<Vec<(String, String)>, DockerfileError> {
         let words = expand::split_words(raw, self.escape);
         if words.is_empty() {
-            return Err(self.error(span, format!("{what} needs at least one KEY=VALUE"), "no arguments"));
+            return Err(self.error(
+                span,
+                format!("{what} needs at least one KEY=VALUE"),
+                "no arguments",
+            ));
         }
         // Legacy form: `ENV KEY some value` (no '=' in the first word).
         if !words[0].contains('=') {
@@ -328,7 +391,11 @@ impl Converter<'_> {
             .into_iter()
             .map(|w| match w.split_once('=') {
                 Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-                _ => Err(self.error(span.clone(), format!("{what}: `{w}` is not KEY=VALUE"), "expected KEY=VALUE")),
+                _ => Err(self.error(
+                    span.clone(),
+                    format!("{what}: `{w}` is not KEY=VALUE"),
+                    "expected KEY=VALUE",
+                )),
             })
             .collect()
     }
@@ -336,50 +403,139 @@ impl Converter<'_> {
     fn instruction(&self, ins: &pd::Instruction<'_>) -> Result<Instruction, DockerfileError> {
         use pd::Instruction as I;
         let (start, end, kind) = match ins {
-            I::Arg(a) => (a.arg.span.start, a.arguments.span.end, Kind::Arg(expand::split_words(&a.arguments.value, self.escape))),
-            I::Env(e) => (e.env.span.start, e.arguments.span.end, Kind::Env(self.pairs(&e.arguments.value, e.env.span.start..e.arguments.span.end, "ENV")?)),
-            I::Label(l) => (l.label.span.start, l.arguments.span.end, Kind::Label(self.pairs(&l.arguments.value, l.label.span.start..l.arguments.span.end, "LABEL")?)),
+            I::Arg(a) => (
+                a.arg.span.start,
+                a.arguments.span.end,
+                Kind::Arg(expand::split_words(&a.arguments.value, self.escape)),
+            ),
+            I::Env(e) => (
+                e.env.span.start,
+                e.arguments.span.end,
+                Kind::Env(self.pairs(
+                    &e.arguments.value,
+                    e.env.span.start..e.arguments.span.end,
+                    "ENV",
+                )?),
+            ),
+            I::Label(l) => (
+                l.label.span.start,
+                l.arguments.span.end,
+                Kind::Label(self.pairs(
+                    &l.arguments.value,
+                    l.label.span.start..l.arguments.span.end,
+                    "LABEL",
+                )?),
+            ),
             I::Run(r) => (
                 r.run.span.start,
                 command_end(&r.arguments),
                 Kind::Run {
                     flags: self.flags(&r.options),
                     command: self.command(&r.arguments),
-                    heredocs: r.here_docs.iter().map(|h| HereDoc { body: h.value.to_string(), expand: h.expand }).collect(),
+                    heredocs: r
+                        .here_docs
+                        .iter()
+                        .map(|h| HereDoc { body: h.value.to_string(), expand: h.expand })
+                        .collect(),
                 },
             ),
-            I::Copy(c) => (c.copy.span.start, c.dest.span.end, Kind::Copy { flags: self.flags(&c.options), sources: self.sources(&c.src, c.copy.span.start), dest: c.dest.value.to_string() }),
-            I::Add(a) => (a.add.span.start, a.dest.span.end, Kind::Add { flags: self.flags(&a.options), sources: self.sources(&a.src, a.add.span.start), dest: a.dest.value.to_string() }),
-            I::Cmd(c) => (c.cmd.span.start, command_end(&c.arguments), Kind::Cmd(self.command(&c.arguments))),
-            I::Entrypoint(e) => (e.entrypoint.span.start, command_end(&e.arguments), Kind::Entrypoint(self.command(&e.arguments))),
-            I::Shell(s) => (s.shell.span.start, s.arguments.last().map_or(s.shell.span.end, |a| a.span.end), Kind::Shell(s.arguments.iter().map(|a| a.value.to_string()).collect())),
-            I::Workdir(w) => (w.workdir.span.start, w.arguments.span.end, Kind::Workdir(w.arguments.value.to_string())),
-            I::User(u) => (u.user.span.start, u.arguments.span.end, Kind::User(u.arguments.value.to_string())),
-            I::Expose(e) => (e.expose.span.start, e.arguments.last().map_or(e.expose.span.end, |a| a.span.end), Kind::Expose(e.arguments.iter().map(|a| a.value.to_string()).collect())),
+            I::Copy(c) => (
+                c.copy.span.start,
+                c.dest.span.end,
+                Kind::Copy {
+                    flags: self.flags(&c.options),
+                    sources: self.sources(&c.src, c.copy.span.start),
+                    dest: c.dest.value.to_string(),
+                },
+            ),
+            I::Add(a) => (
+                a.add.span.start,
+                a.dest.span.end,
+                Kind::Add {
+                    flags: self.flags(&a.options),
+                    sources: self.sources(&a.src, a.add.span.start),
+                    dest: a.dest.value.to_string(),
+                },
+            ),
+            I::Cmd(c) => {
+                (c.cmd.span.start, command_end(&c.arguments), Kind::Cmd(self.command(&c.arguments)))
+            }
+            I::Entrypoint(e) => (
+                e.entrypoint.span.start,
+                command_end(&e.arguments),
+                Kind::Entrypoint(self.command(&e.arguments)),
+            ),
+            I::Shell(s) => (
+                s.shell.span.start,
+                s.arguments.last().map_or(s.shell.span.end, |a| a.span.end),
+                Kind::Shell(s.arguments.iter().map(|a| a.value.to_string()).collect()),
+            ),
+            I::Workdir(w) => (
+                w.workdir.span.start,
+                w.arguments.span.end,
+                Kind::Workdir(w.arguments.value.to_string()),
+            ),
+            I::User(u) => {
+                (u.user.span.start, u.arguments.span.end, Kind::User(u.arguments.value.to_string()))
+            }
+            I::Expose(e) => (
+                e.expose.span.start,
+                e.arguments.last().map_or(e.expose.span.end, |a| a.span.end),
+                Kind::Expose(e.arguments.iter().map(|a| a.value.to_string()).collect()),
+            ),
             I::Volume(v) => {
                 let (items, end) = match &v.arguments {
-                    pd::JsonOrStringArray::Json(j) => (j.value.iter().map(|s| s.value.to_string()).collect(), j.span.end),
-                    pd::JsonOrStringArray::String(s) => (s.iter().map(|s| s.value.to_string()).collect(), s.last().map_or(v.volume.span.end, |x| x.span.end)),
+                    pd::JsonOrStringArray::Json(j) => {
+                        (j.value.iter().map(|s| s.value.to_string()).collect(), j.span.end)
+                    }
+                    pd::JsonOrStringArray::String(s) => (
+                        s.iter().map(|s| s.value.to_string()).collect(),
+                        s.last().map_or(v.volume.span.end, |x| x.span.end),
+                    ),
                 };
                 (v.volume.span.start, end, Kind::Volume(items))
             }
-            I::Stopsignal(s) => (s.stopsignal.span.start, s.arguments.span.end, Kind::Stopsignal(s.arguments.value.to_string())),
+            I::Stopsignal(s) => (
+                s.stopsignal.span.start,
+                s.arguments.span.end,
+                Kind::Stopsignal(s.arguments.value.to_string()),
+            ),
             I::Healthcheck(h) => {
                 let (command, end) = match &h.arguments {
-                    pd::HealthcheckArguments::Cmd { arguments, .. } => (Some(self.command(arguments)), command_end(arguments)),
+                    pd::HealthcheckArguments::Cmd { arguments, .. } => {
+                        (Some(self.command(arguments)), command_end(arguments))
+                    }
                     pd::HealthcheckArguments::None { none, .. } => (None, none.span.end),
                     #[allow(unreachable_patterns)]
                     _ => (None, h.healthcheck.span.end),
                 };
-                (h.healthcheck.span.start, end, Kind::Healthcheck { flags: self.flags(&h.options), command })
+                (
+                    h.healthcheck.span.start,
+                    end,
+                    Kind::Healthcheck { flags: self.flags(&h.options), command },
+                )
             }
             I::Onbuild(o) => {
                 let inner = self.instruction(&o.instruction)?;
                 let text = self.file.text[inner.span.clone()].to_string();
-                (o.onbuild.span.start, inner.span.end, Kind::Onbuild(self.join_continuations(&text)))
+                (
+                    o.onbuild.span.start,
+                    inner.span.end,
+                    Kind::Onbuild(self.join_continuations(&text)),
+                )
             }
-            I::Maintainer(m) => (m.maintainer.span.start, m.name.span.end, Kind::Maintainer(m.name.value.to_string())),
-            I::From(f) => return Err(self.error(f.from.span.clone(), "FROM is not allowed here".into(), "unexpected FROM")),
+            I::Maintainer(m) => (
+                m.maintainer.span.start,
+                m.name.span.end,
+                Kind::Maintainer(m.name.value.to_string()),
+            ),
+            I::From(f) => {
+                return Err(self.error(
+                    f.from.span.clone(),
+                    "FROM is not allowed here".into(),
+                    "unexpected FROM",
+                ))
+            }
             _ => return Err(self.error(0..0, "unsupported instruction".into(), "unsupported")),
         };
         let end = end.max(start);
@@ -464,7 +620,8 @@ mod tests {
 
     #[test]
     fn env_and_label_pairs() {
-        let d = parse("FROM scratch\nENV A=1 B=\"x y\"\nENV LEGACY some value\nLABEL \"k\"=v\n").unwrap();
+        let d = parse("FROM scratch\nENV A=1 B=\"x y\"\nENV LEGACY some value\nLABEL \"k\"=v\n")
+            .unwrap();
         let k: Vec<_> = d.stages[0].instructions.iter().map(|i| i.kind.clone()).collect();
         assert_eq!(k[0], Kind::Env(vec![("A".into(), "1".into()), ("B".into(), "\"x y\"".into())]));
         assert_eq!(k[1], Kind::Env(vec![("LEGACY".into(), "some value".into())]));
@@ -479,7 +636,10 @@ mod tests {
             Kind::Run { heredocs, .. } => assert_eq!(heredocs[0].body, "echo a\n"),
             k => panic!("{k:?}"),
         }
-        assert_eq!(ins[1].kind, Kind::Cmd(Command::Exec(vec!["/bin/sh".into(), "-c".into(), "x".into()])));
+        assert_eq!(
+            ins[1].kind,
+            Kind::Cmd(Command::Exec(vec!["/bin/sh".into(), "-c".into(), "x".into()]))
+        );
         assert_eq!(ins[1].line, 5);
         match &ins[2].kind {
             Kind::Copy { sources, .. } => match &sources[0] {

@@ -9,7 +9,11 @@ use toml::de::{DeTable, DeValue};
 
 use crate::diagnostic::{did_you_mean, Problem, SourceFile};
 
-pub(super) fn check_unknown_keys(file: &SourceFile, doc: &DeTable<'_>, problems: &mut Vec<Problem>) {
+pub(super) fn check_unknown_keys(
+    file: &SourceFile,
+    doc: &DeTable<'_>,
+    problems: &mut Vec<Problem>,
+) {
     let schema = super::json_schema();
     let defs = schema.get("$defs").cloned().unwrap_or(Value::Null);
     walk_table(file, doc, &schema, &defs, "", problems);
@@ -55,14 +59,23 @@ fn walk_table(
             (None, _) if properties.is_some() => {
                 let known: Vec<&str> =
                     properties.into_iter().flat_map(|p| p.keys().map(String::as_str)).collect();
-                let place = if path.is_empty() { "at the top level".to_string() } else { format!("in [{path}]") };
+                let place = if path.is_empty() {
+                    "at the top level".to_string()
+                } else {
+                    format!("in [{path}]")
+                };
                 let help = match did_you_mean(name, known.iter().copied()) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("allowed keys {place}: {}", known.join(", ")),
                 };
                 problems.push(
-                    Problem::new(file, key.span(), format!("unknown key `{name}` {place}"), "unknown key")
-                        .with_help(help),
+                    Problem::new(
+                        file,
+                        key.span(),
+                        format!("unknown key `{name}` {place}"),
+                        "unknown key",
+                    )
+                    .with_help(help),
                 );
                 continue;
             }

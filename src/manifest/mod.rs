@@ -129,8 +129,13 @@ impl Manifest {
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
                 problems.push(
-                    Problem::new(&file, span, format!("TOML syntax: {}", e.message().trim()), "here")
-                        .with_help("images.toml must be valid TOML 1.0"),
+                    Problem::new(
+                        &file,
+                        span,
+                        format!("TOML syntax: {}", e.message().trim()),
+                        "here",
+                    )
+                    .with_help("images.toml must be valid TOML 1.0"),
                 );
                 return Err(ManifestError::Invalid(Problems { file, problems }));
             }
@@ -146,8 +151,8 @@ impl Manifest {
                 return Err(ManifestError::Invalid(Problems { file, problems }));
             }
         };
-        let manifest = Validator { file: &file, root, problems: &mut problems }
-            .validate(raw, &image_spans);
+        let manifest =
+            Validator { file: &file, root, problems: &mut problems }.validate(raw, &image_spans);
         if problems.is_empty() {
             Ok(manifest)
         } else {
@@ -176,7 +181,11 @@ impl Validator<'_> {
         self.problems.push(p);
     }
 
-    fn validate(&mut self, raw: ManifestFile, image_spans: &BTreeMap<String, Range<usize>>) -> Manifest {
+    fn validate(
+        &mut self,
+        raw: ManifestFile,
+        image_spans: &BTreeMap<String, Range<usize>>,
+    ) -> Manifest {
         let project = self.project(&raw);
         let templates = |v: &mut Self, list: &[toml::Spanned<String>]| -> Vec<TagTemplate> {
             list.iter()
@@ -200,18 +209,28 @@ impl Validator<'_> {
                     img.context.span(),
                     format!("image `{name}`: context directory `{context_rel}` does not exist"),
                     "no such directory",
-                    Some(format!("contexts are relative to the directory of images.toml ({})", self.root.display())),
+                    Some(format!(
+                        "contexts are relative to the directory of images.toml ({})",
+                        self.root.display()
+                    )),
                 );
             }
-            let dockerfile_rel = img.dockerfile.as_ref().map_or("Dockerfile".to_string(), |d| d.get_ref().clone());
+            let dockerfile_rel =
+                img.dockerfile.as_ref().map_or("Dockerfile".to_string(), |d| d.get_ref().clone());
             let dockerfile = context.join(&dockerfile_rel);
             if context.is_dir() && !dockerfile.is_file() {
                 let span = img.dockerfile.as_ref().map_or(img.context.span(), |d| d.span());
                 self.problem(
                     span,
-                    format!("image `{name}`: Dockerfile `{}` does not exist", Path::new(&context_rel).join(&dockerfile_rel).display()),
+                    format!(
+                        "image `{name}`: Dockerfile `{}` does not exist",
+                        Path::new(&context_rel).join(&dockerfile_rel).display()
+                    ),
                     "no such file",
-                    Some("`dockerfile` is relative to the context; it defaults to \"Dockerfile\"".into()),
+                    Some(
+                        "`dockerfile` is relative to the context; it defaults to \"Dockerfile\""
+                            .into(),
+                    ),
                 );
             }
             let version = img.version.as_ref().and_then(|v| match semver::Version::parse(v.get_ref()) {
@@ -298,9 +317,15 @@ impl Validator<'_> {
                 let span = img.repository.as_ref().map_or(image.span.clone(), |r| r.span());
                 self.problem(
                     span,
-                    format!("images `{first}` and `{name}` have the same repository `{}`", image.repository),
+                    format!(
+                        "images `{first}` and `{name}` have the same repository `{}`",
+                        image.repository
+                    ),
                     "repository used twice",
-                    Some("each image needs a repository of its own; set `repository` on one of them".into()),
+                    Some(
+                        "each image needs a repository of its own; set `repository` on one of them"
+                            .into(),
+                    ),
                 );
             } else {
                 seen_repos.insert(image.repository.clone(), name.clone());
@@ -320,7 +345,12 @@ impl Validator<'_> {
             }
             if let Some(from) = &env.promote_from {
                 if from.get_ref() == name {
-                    self.problem(from.span(), format!("environment `{name}` promotes from itself"), "same environment", None);
+                    self.problem(
+                        from.span(),
+                        format!("environment `{name}` promotes from itself"),
+                        "same environment",
+                        None,
+                    );
                 } else if !raw.environments.contains_key(from.get_ref()) {
                     let help = did_you_mean(from.get_ref(), env_names.iter().copied())
                         .map(|s| format!("did you mean `{s}`?"))
@@ -353,11 +383,29 @@ impl Validator<'_> {
         for (host, reg) in &raw.registries {
             if let Err(why) = names::check_registry_host(host) {
                 let span = keys::registry_key_span(self.file, host).unwrap_or(0..0);
-                self.problem(span, format!("invalid registry host `{host}`: {why}"), "invalid registry", Some("registries are keyed by host[:port], e.g. [registries.\"127.0.0.1:5000\"]".into()));
+                self.problem(
+                    span,
+                    format!("invalid registry host `{host}`: {why}"),
+                    "invalid registry",
+                    Some(
+                        "registries are keyed by host[:port], e.g. [registries.\"127.0.0.1:5000\"]"
+                            .into(),
+                    ),
+                );
             }
             for m in &reg.mirrors {
-                if !(m.get_ref().starts_with("https://") || m.get_ref().starts_with("http://")) || url::Url::parse(m.get_ref()).is_err() {
-                    self.problem(m.span(), format!("registry `{host}`: mirror `{}` is not an http(s) URL", m.get_ref()), "invalid mirror", Some("write the mirror as a URL, e.g. \"https://mirror.internal\"".into()));
+                if !(m.get_ref().starts_with("https://") || m.get_ref().starts_with("http://"))
+                    || url::Url::parse(m.get_ref()).is_err()
+                {
+                    self.problem(
+                        m.span(),
+                        format!(
+                            "registry `{host}`: mirror `{}` is not an http(s) URL",
+                            m.get_ref()
+                        ),
+                        "invalid mirror",
+                        Some("write the mirror as a URL, e.g. \"https://mirror.internal\"".into()),
+                    );
                 }
             }
             registries.insert(
@@ -370,7 +418,14 @@ impl Validator<'_> {
             );
         }
 
-        Manifest { file: self.file.clone(), root: self.root.to_path_buf(), project, images, environments, registries }
+        Manifest {
+            file: self.file.clone(),
+            root: self.root.to_path_buf(),
+            project,
+            images,
+            environments,
+            registries,
+        }
     }
 
     fn project(&mut self, raw: &ManifestFile) -> Project {
@@ -384,7 +439,12 @@ impl Validator<'_> {
                 SourceDateEpoch::Seconds(n) if *n >= 0 => EpochSetting::Seconds(*n),
                 SourceDateEpoch::Keyword(k) if k == "git" => EpochSetting::Git,
                 _ => {
-                    self.problem(s.span(), "source_date_epoch must be \"git\" or a non-negative integer".into(), "invalid value", None);
+                    self.problem(
+                        s.span(),
+                        "source_date_epoch must be \"git\" or a non-negative integer".into(),
+                        "invalid value",
+                        None,
+                    );
                     EpochSetting::Seconds(0)
                 }
             },

@@ -26,7 +26,9 @@ pub fn check_repository(repo: &str) -> Result<(), String> {
             return Err("it has an empty part (a leading, trailing or double '/')".into());
         }
         if !COMPONENT.is_match(part) {
-            return Err(format!("part `{part}` is not lowercase letters and digits joined by '.', '_', '__' or '-'"));
+            return Err(format!(
+                "part `{part}` is not lowercase letters and digits joined by '.', '_', '__' or '-'"
+            ));
         }
     }
     Ok(())
@@ -37,7 +39,13 @@ pub fn check_registry_host(host: &str) -> Result<(), String> {
     if !HOST.is_match(host) {
         return Err("expected host[:port]".into());
     }
-    if let Some((_, port)) = host.rsplit_once("]:").or_else(|| if host.starts_with('[') { None } else { host.rsplit_once(':') }) {
+    if let Some((_, port)) = host.rsplit_once("]:").or_else(|| {
+        if host.starts_with('[') {
+            None
+        } else {
+            host.rsplit_once(':')
+        }
+    }) {
         if port.parse::<u16>().is_err() {
             return Err(format!("port `{port}` is not a number from 0 to 65535"));
         }
@@ -54,7 +62,9 @@ pub fn check_registry_prefix(prefix: &str) -> Result<(), String> {
     let (host, path) = prefix.split_once('/').unwrap_or((prefix, ""));
     check_registry_host(host)?;
     if !host.contains(['.', ':', '[']) && host != "localhost" {
-        return Err(format!("`{host}` does not look like a registry host (no '.', no port, not localhost)"));
+        return Err(format!(
+            "`{host}` does not look like a registry host (no '.', no port, not localhost)"
+        ));
     }
     if !path.is_empty() {
         check_repository(path)?;

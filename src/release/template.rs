@@ -8,8 +8,18 @@ use regex::Regex;
 
 /// The placeholders a template may use.
 pub const PLACEHOLDERS: &[&str] = &[
-    "version", "major", "minor", "patch", "prerelease", "git_sha", "git_short", "branch", "build",
-    "env", "date", "image",
+    "version",
+    "major",
+    "minor",
+    "patch",
+    "prerelease",
+    "git_sha",
+    "git_short",
+    "branch",
+    "build",
+    "env",
+    "date",
+    "image",
 ];
 
 static VALID_TAG: LazyLock<Regex> = LazyLock::new(|| {
@@ -45,10 +55,20 @@ impl TemplateError {
             TemplateError::UnknownPlaceholder { name, .. } => {
                 match crate::diagnostic::did_you_mean(name, PLACEHOLDERS.iter().copied()) {
                     Some(s) => format!("did you mean `{{{s}}}`?"),
-                    None => format!("placeholders: {}", PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(" ")),
+                    None => format!(
+                        "placeholders: {}",
+                        PLACEHOLDERS
+                            .iter()
+                            .map(|p| format!("{{{p}}}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
                 }
             }
-            _ => format!("placeholders: {}", PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(" ")),
+            _ => format!(
+                "placeholders: {}",
+                PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(" ")
+            ),
         }
     }
 }
@@ -93,7 +113,8 @@ impl TagTemplate {
                 pieces.push(Piece::Text(rest[..open].to_string()));
             }
             let after = &rest[open + 1..];
-            let close = after.find('}').ok_or(TemplateError::Unclosed { template: source.into() })?;
+            let close =
+                after.find('}').ok_or(TemplateError::Unclosed { template: source.into() })?;
             let name = after[..close].trim();
             let var = PLACEHOLDERS.iter().find(|p| **p == name).ok_or_else(|| {
                 TemplateError::UnknownPlaceholder { template: source.into(), name: name.into() }
@@ -112,7 +133,7 @@ impl TagTemplate {
     }
 
     fn uses(&self, name: &str) -> bool {
-        self.pieces.iter().any(|p| *p == Piece::Var(leak_name(name)))
+        self.pieces.iter().any(|p| matches!(p, Piece::Var(v) if *v == name))
     }
 
     /// Floating tags (`latest`, `{major}`, `{major}.{minor}`) follow the newest release only,
@@ -128,7 +149,9 @@ impl TagTemplate {
     pub fn render(&self, values: &TagValues) -> Result<Rendered, InvalidTag> {
         if let Some(v) = &values.version {
             if !v.pre.is_empty() && self.is_floating() {
-                return Ok(Rendered::Skipped(format!("floating tag not applied to pre-release {v}")));
+                return Ok(Rendered::Skipped(format!(
+                    "floating tag not applied to pre-release {v}"
+                )));
             }
         }
         let mut out = String::new();
@@ -147,10 +170,6 @@ impl TagTemplate {
             Err(InvalidTag { template: self.source.clone(), rendered: out })
         }
     }
-}
-
-fn leak_name(name: &str) -> &'static str {
-    PLACEHOLDERS.iter().find(|p| **p == name).copied().unwrap_or("")
 }
 
 fn value_of(name: &str, v: &TagValues) -> Option<String> {
@@ -175,7 +194,10 @@ fn value_of(name: &str, v: &TagValues) -> Option<String> {
 /// Make a free-form value (a branch name like `feature/Foo Bar`) usable inside a tag, as
 /// docker/metadata-action does: every character outside `[A-Za-z0-9_.-]` becomes `-`.
 pub fn sanitise(value: &str) -> String {
-    value.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '-' }).collect()
+    value
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '-' })
+        .collect()
 }
 
 impl fmt::Display for TagTemplate {
@@ -209,9 +231,15 @@ mod tests {
         assert_eq!(render("{version}", "1.4.2"), Rendered::Tag("1.4.2".into()));
         assert_eq!(render("{major}.{minor}", "1.4.2"), Rendered::Tag("1.4".into()));
         assert_eq!(render("{version}-rc.{build}", "1.4.2"), Rendered::Tag("1.4.2-rc.42".into()));
-        assert_eq!(render("{version}-dev.{git_short}", "1.4.2"), Rendered::Tag("1.4.2-dev.0123456".into()));
+        assert_eq!(
+            render("{version}-dev.{git_short}", "1.4.2"),
+            Rendered::Tag("1.4.2-dev.0123456".into())
+        );
         assert_eq!(render("{branch}", "1.4.2"), Rendered::Tag("feature-Big-Change".into()));
-        assert_eq!(render("{env}-{date}-{image}", "1.4.2"), Rendered::Tag("staging-20261123-api".into()));
+        assert_eq!(
+            render("{env}-{date}-{image}", "1.4.2"),
+            Rendered::Tag("staging-20261123-api".into())
+        );
         assert_eq!(render("{git_sha}", "1.4.2"), Rendered::Tag("0123456789abcdef".into()));
         assert_eq!(render("{prerelease}", "1.0.0-rc.1"), Rendered::Tag("rc.1".into()));
     }
