@@ -353,33 +353,8 @@ struct Resolver<'a> {
 }
 
 impl Resolver<'_> {
-    /// Values of the global ARGs: their defaults, overridden by build args. Only declared
-    /// ARGs are visible, as in docker.
     fn global_vars(&self) -> Result<Vars, DockerfileError> {
-        let lexer = Lexer { escape: self.dockerfile.escape };
-        let mut vars = Vars::new();
-        for ins in &self.dockerfile.global_args {
-            let Kind::Arg(words) = &ins.kind else { continue };
-            for w in words {
-                let (name, default) = match w.split_once('=') {
-                    Some((n, d)) => (n.to_string(), Some(d)),
-                    None => (w.clone(), None),
-                };
-                let value = match (self.args.get(&name), default) {
-                    (Some(v), _) => Some(v.clone()),
-                    (None, Some(d)) => Some(
-                        lexer
-                            .expand_word(d, &vars)
-                            .map_err(|e| self.expand_error(ins.span.clone(), e))?,
-                    ),
-                    (None, None) => None,
-                };
-                if let Some(v) = value {
-                    vars.insert(name, v);
-                }
-            }
-        }
-        Ok(vars)
+        global_arg_values(self.dockerfile, self.args)
     }
 
     fn expand_error(
@@ -498,4 +473,41 @@ pub fn from_words(kind: &Kind) -> Vec<String> {
             .collect(),
         _ => Vec::new(),
     }
+}
+
+/// Values of a Dockerfile's global ARGs: their defaults, overridden by build args. Only
+/// declared ARGs are visible, as in docker.
+pub fn global_arg_values(
+    dockerfile: &Dockerfile,
+    args: &BTreeMap<String, String>,
+) -> Result<Vars, DockerfileError> {
+    let lexer = Lexer { escape: dockerfile.escape };
+    let mut vars = Vars::new();
+    for ins in &dockerfile.global_args {
+        let Kind::Arg(words) = &ins.kind else { continue };
+        for w in words {
+            let (name, default) = match w.split_once('=') {
+                Some((n, d)) => (n.to_string(), Some(d)),
+                None => (w.clone(), None),
+            };
+            let value = match (args.get(&name), default) {
+                (Some(v), _) => Some(v.clone()),
+                (None, Some(d)) => Some(lexer.expand_word(d, &vars).map_err(|e| {
+                    DockerfileError::Syntax(Box::new(crate::diagnostic::Problems {
+                        file: dockerfile.file.clone(),
+                        problems: vec![dockerfile.problem(
+                            ins.span.clone(),
+                            e.to_string(),
+                            "cannot expand",
+                        )],
+                    }))
+                })?),
+                (None, None) => None,
+            };
+            if let Some(v) = value {
+                vars.insert(name, v);
+            }
+        }
+    }
+    Ok(vars)
 }
