@@ -34,11 +34,21 @@ pub enum EntryKind {
     /// A regular file with the given content.
     Bytes(Vec<u8>),
     Dir,
-    Symlink { target: PathBuf },
+    Symlink {
+        target: PathBuf,
+    },
     /// Another name for a regular file of the same layer (`target` is its image path).
-    Hardlink { target: PathBuf },
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    Hardlink {
+        target: PathBuf,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     /// `path` was deleted: written as `<dir>/.wh.<name>`.
     Whiteout,

@@ -66,12 +66,16 @@ pub fn extract_layer<R: Read>(
     dest: &Path,
     mode: ExtractMode,
 ) -> Result<ExtractStats, LayerError> {
-    let root = nix::fcntl::open(dest, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| LayerError::Extract {
-            entry: ".".into(),
-            dest: dest.to_path_buf(),
-            source: e.into(),
-        })?;
+    let root = nix::fcntl::open(
+        dest,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::Extract {
+        entry: ".".into(),
+        dest: dest.to_path_buf(),
+        source: e.into(),
+    })?;
     let mut x = Extractor {
         root,
         dest: dest.to_path_buf(),
@@ -130,7 +134,11 @@ impl Extractor {
     }
 
     fn io_err(&self, h: &Header, source: impl Into<io::Error>) -> LayerError {
-        LayerError::Extract { entry: shown(&h.path), dest: self.dest.clone(), source: source.into() }
+        LayerError::Extract {
+            entry: shown(&h.path),
+            dest: self.dest.clone(),
+            source: source.into(),
+        }
     }
 
     /// Open `path` (relative to dest; empty is dest) with every component resolved inside
@@ -163,7 +171,10 @@ impl Extractor {
             if self.written.get(anc) == Some(&Written::Symlink) {
                 return Err(self.hostile(
                     h,
-                    format!("it goes through `{}`, a symlink created by the same archive", shown(anc)),
+                    format!(
+                        "it goes through `{}`, a symlink created by the same archive",
+                        shown(anc)
+                    ),
                 ));
             }
         }
@@ -203,7 +214,10 @@ impl Extractor {
         match e {
             Errno::ENOTDIR | Errno::ENOENT | Errno::EEXIST | Errno::ELOOP => self.hostile(
                 h,
-                format!("its parent `{}` is not a directory (or is a dangling symlink)", shown(dir)),
+                format!(
+                    "its parent `{}` is not a directory (or is a dangling symlink)",
+                    shown(dir)
+                ),
             ),
             e => self.io_err(h, e),
         }
@@ -331,7 +345,12 @@ impl Extractor {
     }
 
     /// Owner (when root) then mode: chown clears setuid bits, so the mode comes second.
-    fn set_fd_metadata(&self, h: &Header, fd: BorrowedFd<'_>, with_mode: bool) -> Result<(), LayerError> {
+    fn set_fd_metadata(
+        &self,
+        h: &Header,
+        fd: BorrowedFd<'_>,
+        with_mode: bool,
+    ) -> Result<(), LayerError> {
         if self.is_root {
             let (uid, gid) = self.ids(h)?;
             fchown(fd, Some(uid), Some(gid)).map_err(|e| self.io_err(h, e))?;
@@ -391,9 +410,8 @@ impl Extractor {
         }
         self.check_parents(h, &target)?;
         let (tparent, tname) = path::split_last(&target);
-        let missing = || {
-            self.hostile(h, format!("its hard link target `{}` does not exist", shown(&target)))
-        };
+        let missing =
+            || self.hostile(h, format!("its hard link target `{}` does not exist", shown(&target)));
         let tfd = match self.open_in_root(tparent, OFlag::O_PATH | OFlag::O_DIRECTORY) {
             Ok(fd) => fd,
             Err(Errno::ENOENT | Errno::ENOTDIR) => return Err(missing()),
@@ -450,13 +468,25 @@ impl Extractor {
         let parent_fd = self.ensure_dir(h, parent)?;
         match self.mode {
             ExtractMode::OverlayLower => {
-                match mknodat(&parent_fd, os(gone), SFlag::S_IFCHR, Mode::empty(), libc::makedev(0, 0)) {
+                match mknodat(
+                    &parent_fd,
+                    os(gone),
+                    SFlag::S_IFCHR,
+                    Mode::empty(),
+                    libc::makedev(0, 0),
+                ) {
                     Ok(()) => {}
                     Err(e) => return Err(self.io_err(h, e)),
                 }
                 if self.is_root {
-                    fchownat(&parent_fd, os(gone), Some(Uid::from_raw(0)), Some(Gid::from_raw(0)), AtFlags::AT_SYMLINK_NOFOLLOW)
-                        .map_err(|e| self.io_err(h, e))?;
+                    fchownat(
+                        &parent_fd,
+                        os(gone),
+                        Some(Uid::from_raw(0)),
+                        Some(Gid::from_raw(0)),
+                        AtFlags::AT_SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| self.io_err(h, e))?;
                 }
                 self.record(&target, Written::Whiteout);
             }
@@ -468,7 +498,12 @@ impl Extractor {
     }
 
     /// Remove everything below `dir` that this archive did not create.
-    fn clear_lower(&self, h: &Header, dir: BorrowedFd<'_>, dir_path: &[u8]) -> Result<(), LayerError> {
+    fn clear_lower(
+        &self,
+        h: &Header,
+        dir: BorrowedFd<'_>,
+        dir_path: &[u8],
+    ) -> Result<(), LayerError> {
         for name in list_dir(dir).map_err(|e| self.io_err(h, e))? {
             let child = path::join(dir_path, name.to_bytes());
             let child_name = OsStr::from_bytes(name.to_bytes());
@@ -476,10 +511,16 @@ impl Extractor {
                 remove_all_at(dir, child_name).map_err(|e| self.io_err(h, e))?;
                 continue;
             }
-            let st = fstatat(dir, child_name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| self.io_err(h, e))?;
+            let st = fstatat(dir, child_name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(|e| self.io_err(h, e))?;
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                let fd = openat(dir, child_name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-                    .map_err(|e| self.io_err(h, e))?;
+                let fd = openat(
+                    dir,
+                    child_name,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| self.io_err(h, e))?;
                 self.clear_lower(h, fd.as_fd(), &child)?;
             }
         }
@@ -492,7 +533,9 @@ impl Extractor {
         let dirs = std::mem::take(&mut self.dirs);
         for (p, mode, mtime) in dirs.iter().rev() {
             // Gone or replaced by a non-directory later in the archive: nothing to do.
-            let Ok(fd) = self.open_in_root(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW) else {
+            let Ok(fd) =
+                self.open_in_root(p, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW)
+            else {
                 continue;
             };
             let err = |e: Errno| LayerError::Extract {
@@ -510,7 +553,12 @@ impl Extractor {
 
 /// The names in a directory, without `.` and `..`.
 fn list_dir(dir: BorrowedFd<'_>) -> nix::Result<Vec<std::ffi::CString>> {
-    let mut d = nix::dir::Dir::openat(dir, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let mut d = nix::dir::Dir::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
     let mut names = Vec::new();
     for entry in d.iter() {
         let entry = entry?;
@@ -531,7 +579,12 @@ pub(crate) fn remove_all_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()>
         Err(e) => return Err(e.into()),
     };
     if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-        let fd = openat(dir, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())?;
+        let fd = openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
         for child in list_dir(fd.as_fd())? {
             remove_all_at(fd.as_fd(), OsStr::from_bytes(child.to_bytes()))?;
         }

@@ -333,7 +333,10 @@ mod tests {
         let block = encode_ustar(&fields(b"usr/bin/tool"));
         let h = decode_header(&block).unwrap();
         assert_eq!(h.name, b"usr/bin/tool");
-        assert_eq!((h.mode, h.uid, h.gid, h.size, h.mtime), (0o755, 1000, 100, 12345, 1_700_000_000));
+        assert_eq!(
+            (h.mode, h.uid, h.gid, h.size, h.mtime),
+            (0o755, 1000, 100, 12345, 1_700_000_000)
+        );
         assert_eq!(&block[257..265], b"ustar\x0000");
         // uname and gname are empty.
         assert!(block[265..329].iter().all(|&c| c == 0));

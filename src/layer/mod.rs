@@ -24,8 +24,8 @@ use std::io;
 use std::path::PathBuf;
 
 pub use compress::{
-    decompress, decompressing_reader, detect_compression, Compression, LayerCompression,
-    MAGIC_LEN, MEDIA_TYPE_DOCKER_LAYER, MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, MEDIA_TYPE_TAR_ZSTD,
+    decompress, decompressing_reader, detect_compression, Compression, LayerCompression, MAGIC_LEN,
+    MEDIA_TYPE_DOCKER_LAYER, MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, MEDIA_TYPE_TAR_ZSTD,
 };
 pub use entry::{EntryKind, LayerEntry};
 pub use extract::{extract_layer, ExtractMode, ExtractStats};
@@ -56,8 +56,9 @@ pub enum LayerError {
     #[error("cannot read the layer: {0}")]
     Read(#[source] io::Error),
 
-    #[error("corrupt tar archive at byte {offset}{}: {reason}", after_entry(.after))]
-    CorruptTar { offset: u64, after: Option<String>, reason: String },
+    /// `entry` is the entry being read, or the last one read before the damage.
+    #[error("corrupt tar archive at byte {offset}{}: {reason}", where_in(.entry, *.in_entry))]
+    CorruptTar { offset: u64, entry: Option<String>, in_entry: bool, reason: String },
 
     #[error("refusing tar entry `{entry}`: {reason}")]
     Hostile { entry: String, reason: String },
@@ -78,9 +79,10 @@ pub enum LayerError {
     SnapshotIo { id: String, context: String, source: io::Error },
 }
 
-fn after_entry(after: &Option<String>) -> String {
-    match after {
-        Some(name) => format!(" (after entry `{name}`)"),
-        None => String::new(),
+fn where_in(entry: &Option<String>, in_entry: bool) -> String {
+    match (entry, in_entry) {
+        (Some(name), true) => format!(" in entry `{name}`"),
+        (Some(name), false) => format!(" after entry `{name}`"),
+        (None, _) => String::new(),
     }
 }

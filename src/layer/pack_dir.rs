@@ -62,25 +62,28 @@ fn map_id(map: &[IdMapping], host: u32) -> Option<u32> {
 /// `overlay.whiteout` xattr) becomes a whiteout; a directory with `overlay.opaque=y`
 /// becomes the directory plus an opaque whiteout. Files linked several times inside the
 /// dir stay hard links. Sockets are skipped (a tar cannot hold them).
-pub fn directory_entries(dir: &Path, opts: &UpperDirOptions) -> Result<Vec<LayerEntry>, LayerError> {
+pub fn directory_entries(
+    dir: &Path,
+    opts: &UpperDirOptions,
+) -> Result<Vec<LayerEntry>, LayerError> {
     let ns = opts.overlay_xattrs.prefix();
     let opaque_key = format!("{ns}opaque");
     let whiteout_key = format!("{ns}whiteout");
-    let upper_err = |path: &Path, reason: String| LayerError::UpperDir { path: path.to_path_buf(), reason };
+    let upper_err =
+        |path: &Path, reason: String| LayerError::UpperDir { path: path.to_path_buf(), reason };
 
     let mut entries = Vec::new();
     let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let walk = walkdir::WalkDir::new(dir).follow_links(false).same_file_system(true).min_depth(1);
     for item in walk {
-        let item = item.map_err(|e| {
-            upper_err(e.path().unwrap_or(dir), e.to_string())
-        })?;
+        let item = item.map_err(|e| upper_err(e.path().unwrap_or(dir), e.to_string()))?;
         let host = item.path();
         let rel = host.strip_prefix(dir).map_err(|e| upper_err(host, e.to_string()))?;
         let image_path = Path::new("/").join(rel);
         let meta = item.metadata().map_err(|e| upper_err(host, e.to_string()))?;
         let ft = meta.file_type();
-        let xattrs = read_xattrs(host, ft.is_symlink()).map_err(|e| upper_err(host, e.to_string()))?;
+        let xattrs =
+            read_xattrs(host, ft.is_symlink()).map_err(|e| upper_err(host, e.to_string()))?;
         for key in ["redirect", "metacopy"] {
             if xattrs.contains_key(&format!("{ns}{key}")) {
                 return Err(upper_err(
@@ -103,10 +106,18 @@ pub fn directory_entries(dir: &Path, opts: &UpperDirOptions) -> Result<Vec<Layer
             tracing::warn!(path = %host.display(), "skipping socket: a layer cannot hold it");
             continue;
         }
-        let uid = map_id(&opts.uid_map, meta.uid())
-            .ok_or_else(|| upper_err(host, format!("owner uid {} is not mapped into the build's user namespace", meta.uid())))?;
-        let gid = map_id(&opts.gid_map, meta.gid())
-            .ok_or_else(|| upper_err(host, format!("group gid {} is not mapped into the build's user namespace", meta.gid())))?;
+        let uid = map_id(&opts.uid_map, meta.uid()).ok_or_else(|| {
+            upper_err(
+                host,
+                format!("owner uid {} is not mapped into the build's user namespace", meta.uid()),
+            )
+        })?;
+        let gid = map_id(&opts.gid_map, meta.gid()).ok_or_else(|| {
+            upper_err(
+                host,
+                format!("group gid {} is not mapped into the build's user namespace", meta.gid()),
+            )
+        })?;
 
         let kind = if ft.is_file() {
             if meta.nlink() > 1 {
@@ -152,7 +163,10 @@ pub fn directory_entries(dir: &Path, opts: &UpperDirOptions) -> Result<Vec<Layer
         for (k, v) in xattrs {
             // overlayfs bookkeeping (both namespaces: an image must never carry it) and
             // the host's SELinux label are not part of what the step produced.
-            if k.starts_with("trusted.overlay.") || k.starts_with("user.overlay.") || k == "security.selinux" {
+            if k.starts_with("trusted.overlay.")
+                || k.starts_with("user.overlay.")
+                || k == "security.selinux"
+            {
                 continue;
             }
             entry.xattrs.insert(k, v);
@@ -162,7 +176,10 @@ pub fn directory_entries(dir: &Path, opts: &UpperDirOptions) -> Result<Vec<Layer
     Ok(entries)
 }
 
-fn read_xattrs(path: &Path, is_symlink: bool) -> std::io::Result<std::collections::BTreeMap<String, Vec<u8>>> {
+fn read_xattrs(
+    path: &Path,
+    is_symlink: bool,
+) -> std::io::Result<std::collections::BTreeMap<String, Vec<u8>>> {
     let mut out = std::collections::BTreeMap::new();
     let names = match xattr::list(path) {
         Ok(names) => names,
@@ -200,7 +217,10 @@ mod tests {
 
     #[test]
     fn id_maps_translate_ranges_and_refuse_unmapped_ids() {
-        let map = [IdMapping { container: 0, host: 1000, size: 1 }, IdMapping { container: 1, host: 100_000, size: 65536 }];
+        let map = [
+            IdMapping { container: 0, host: 1000, size: 1 },
+            IdMapping { container: 1, host: 100_000, size: 65536 },
+        ];
         assert_eq!(map_id(&map, 1000), Some(0));
         assert_eq!(map_id(&map, 100_005), Some(6));
         assert_eq!(map_id(&map, 0), None);

@@ -58,7 +58,12 @@ impl<R: Read> TarReader<R> {
     }
 
     fn corrupt(&self, offset: u64, reason: impl Into<String>) -> LayerError {
-        LayerError::CorruptTar { offset, after: self.last.clone(), reason: reason.into() }
+        LayerError::CorruptTar {
+            offset,
+            entry: self.last.clone(),
+            in_entry: self.data_left + self.pad_left > 0,
+            reason: reason.into(),
+        }
     }
 
     fn read_exact_or_eof(&mut self, buf: &mut [u8]) -> Result<bool, LayerError> {
@@ -187,10 +192,11 @@ impl<R: Read> TarReader<R> {
             xattrs: Vec::new(),
         };
         let shown = String::from_utf8_lossy(&h.path).into_owned();
-        let bad = |this: &Self, reason: String| LayerError::CorruptTar {
+        let bad = |_: &Self, reason: String| LayerError::CorruptTar {
             offset: at,
-            after: this.last.clone(),
-            reason: format!("entry `{shown}`: {reason}"),
+            entry: Some(shown.clone()),
+            in_entry: true,
+            reason,
         };
         for (key, value) in pax {
             let num = |v: &[u8]| -> Option<u64> { std::str::from_utf8(v).ok()?.parse().ok() };
@@ -213,7 +219,10 @@ impl<R: Read> TarReader<R> {
                     h.xattrs.push((k["SCHILY.xattr.".len()..].to_string(), value));
                 }
                 k if k.starts_with("GNU.sparse.") => {
-                    return Err(bad(self, "sparse files (GNU PAX sparse format) are not supported".into()));
+                    return Err(bad(
+                        self,
+                        "sparse files (GNU PAX sparse format) are not supported".into(),
+                    ));
                 }
                 // atime, ctime, uname, gname, charset, comments: not kept in layers.
                 _ => {}
@@ -242,10 +251,7 @@ impl<R: Read> TarReader<R> {
             }
             typeflag::GNU_VOLUME => Kind::Dir,
             other => {
-                return Err(bad(
-                    self,
-                    format!("unsupported entry type {:?}", char::from(other)),
-                ))
+                return Err(bad(self, format!("unsupported entry type {:?}", char::from(other))))
             }
         };
         // Only regular files (and GNU dump dirs, whose listing we skip) carry data; the
@@ -330,7 +336,9 @@ mod tests {
         let mut tar = Vec::new();
         write_tar(
             vec![
-                LayerEntry::bytes(&long, "content").with_owner(5_000_000, 3).with_xattr("user.a", "b"),
+                LayerEntry::bytes(&long, "content")
+                    .with_owner(5_000_000, 3)
+                    .with_xattr("user.a", "b"),
                 LayerEntry::symlink("s", "x".repeat(150)),
                 LayerEntry::dir("d"),
             ],

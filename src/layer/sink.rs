@@ -161,8 +161,7 @@ mod tests {
         let entries = vec![LayerEntry::bytes("f", "x".repeat(100_000))];
         let (z, zblob) =
             pack_entries(entries.clone(), &opts(LayerCompression::Zstd), Vec::new()).unwrap();
-        let (g, gblob) =
-            pack_entries(entries, &opts(LayerCompression::Gzip), Vec::new()).unwrap();
+        let (g, gblob) = pack_entries(entries, &opts(LayerCompression::Gzip), Vec::new()).unwrap();
         let (r, rblob) = recompress(
             &zblob[..],
             Compression::Zstd,
@@ -181,14 +180,9 @@ mod tests {
             pack_entries(vec![LayerEntry::dir("d")], &opts(LayerCompression::Zstd), Vec::new())
                 .unwrap();
         let wrong = Digest::of(b"something else");
-        let err = recompress(
-            &zblob[..],
-            Compression::Zstd,
-            LayerCompression::Gzip,
-            &wrong,
-            Vec::new(),
-        )
-        .unwrap_err();
+        let err =
+            recompress(&zblob[..], Compression::Zstd, LayerCompression::Gzip, &wrong, Vec::new())
+                .unwrap_err();
         assert!(matches!(err, LayerError::DiffIdMismatch { .. }), "{err}");
     }
 
@@ -202,8 +196,14 @@ mod tests {
         .unwrap();
         let n = zblob.len();
         zblob.truncate(n - 6);
-        let err = recompress(&zblob[..], Compression::Zstd, LayerCompression::Gzip, &p.diff_id, Vec::new())
-            .unwrap_err();
+        let err = recompress(
+            &zblob[..],
+            Compression::Zstd,
+            LayerCompression::Gzip,
+            &p.diff_id,
+            Vec::new(),
+        )
+        .unwrap_err();
         assert!(matches!(err, LayerError::Read(_)), "{err}");
     }
 }

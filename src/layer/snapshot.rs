@@ -39,8 +39,11 @@ pub fn ensure_snapshot<R: Read + Send>(
     open: impl FnOnce() -> io::Result<R>,
 ) -> Result<PathBuf, LayerError> {
     let fail = |reason: String| LayerError::Snapshot { id: id.to_string(), reason };
-    let io_fail =
-        |context: &str, source| LayerError::SnapshotIo { id: id.to_string(), context: context.to_string(), source };
+    let io_fail = |context: &str, source| LayerError::SnapshotIo {
+        id: id.to_string(),
+        context: context.to_string(),
+        source,
+    };
     if id.len() < SNAPSHOT_ID_LEN
         || id.len() > 64
         || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -53,7 +56,8 @@ pub fn ensure_snapshot<R: Read + Send>(
     if fs::symlink_metadata(&target).map(|m| m.is_dir()).unwrap_or(false) {
         return Ok(target);
     }
-    fs::create_dir_all(snapshots_dir).map_err(|e| io_fail("creating the snapshots directory", e))?;
+    fs::create_dir_all(snapshots_dir)
+        .map_err(|e| io_fail("creating the snapshots directory", e))?;
     fs::create_dir_all(tmp_dir).map_err(|e| io_fail("creating the temporary directory", e))?;
 
     // Dropped (and removed) on every path that does not rename it into place.
@@ -73,12 +77,16 @@ pub fn ensure_snapshot<R: Read + Send>(
     extract_layer(&mut hashing, &staging, ExtractMode::OverlayLower)?;
     let (diff_id, _) = hashing.finish();
     if !diff_id.hex().starts_with(id) {
-        return Err(fail(format!("the layer blob has diffID {diff_id}, which is not this snapshot")));
+        return Err(fail(format!(
+            "the layer blob has diffID {diff_id}, which is not this snapshot"
+        )));
     }
 
     // Data before the rename: after a crash, a snapshot that exists is complete.
-    let staging_dir = fs::File::open(&staging).map_err(|e| io_fail("opening the staging directory", e))?;
-    nix::unistd::syncfs(&staging_dir).map_err(|e| io_fail("syncing the snapshot to disk", e.into()))?;
+    let staging_dir =
+        fs::File::open(&staging).map_err(|e| io_fail("opening the staging directory", e))?;
+    nix::unistd::syncfs(&staging_dir)
+        .map_err(|e| io_fail("syncing the snapshot to disk", e.into()))?;
     drop(staging_dir);
 
     match renameat2(AT_FDCWD, &staging, AT_FDCWD, &target, RenameFlags::RENAME_NOREPLACE) {

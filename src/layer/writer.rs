@@ -85,8 +85,13 @@ pub fn write_tar<W: Write>(
 
 enum LinkRole {
     /// This entry carries the file's data; the others of its group link to it.
-    Carrier { root: usize },
-    Link { root: usize, carrier: usize },
+    Carrier {
+        root: usize,
+    },
+    Link {
+        root: usize,
+        carrier: usize,
+    },
 }
 
 /// The validated layout of a layer: names in the tar, order, and hard-link groups.
@@ -239,7 +244,11 @@ impl Plan {
 
     fn link_role(&self, i: usize) -> Option<LinkRole> {
         let &(root, carrier) = self.links.get(&i)?;
-        Some(if i == carrier { LinkRole::Carrier { root } } else { LinkRole::Link { root, carrier } })
+        Some(if i == carrier {
+            LinkRole::Carrier { root }
+        } else {
+            LinkRole::Link { root, carrier }
+        })
     }
 }
 
@@ -463,7 +472,8 @@ mod tests {
             LayerEntry::bytes("unset", ""),
         ]);
         let mut a = tar::Archive::new(&t[..]);
-        let m: Vec<u64> = a.entries().unwrap().map(|e| e.unwrap().header().mtime().unwrap()).collect();
+        let m: Vec<u64> =
+            a.entries().unwrap().map(|e| e.unwrap().header().mtime().unwrap()).collect();
         assert_eq!(m, vec![1000, 10, 1000]);
     }
 
@@ -476,7 +486,7 @@ mod tests {
             (vec![LayerEntry::whiteout("a"), LayerEntry::bytes("a/b", "")], "deletes"),
             (vec![LayerEntry::hardlink("l", "missing")], "not in this layer"),
             (vec![LayerEntry::dir("d"), LayerEntry::hardlink("l", "d")], "not a regular file"),
-            (vec![LayerEntry::bytes("x/.wh.y", "")], "reserves"),
+            (vec![LayerEntry::bytes("x/.wh.y", "")], "which layers reserve"),
             (vec![LayerEntry::bytes("../x", "")], "`..`"),
             (vec![LayerEntry::dir("/")], "image root"),
             (vec![LayerEntry::hardlink("a", "b"), LayerEntry::hardlink("b", "a")], "cycle"),
@@ -517,9 +527,9 @@ mod tests {
         assert_eq!(plain[156], b'0');
 
         let long = format!("{}/{}", "d".repeat(200), "f");
-        let t = tar_of(vec![
-            LayerEntry::bytes(&long, "x").with_owner(3_000_000, 7).with_xattr("user.k", "v"),
-        ]);
+        let t = tar_of(vec![LayerEntry::bytes(&long, "x")
+            .with_owner(3_000_000, 7)
+            .with_xattr("user.k", "v")]);
         assert_eq!(t[156], b'x');
         let mut ar = tar::Archive::new(&t[..]);
         let mut e = ar.entries().unwrap().next().unwrap().unwrap();
