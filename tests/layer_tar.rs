@@ -152,7 +152,7 @@ fn long_names_big_ids_and_xattrs_survive_gnu_tar() {
     let tarp = tar_path.to_str().unwrap();
 
     let listing = run("tar", &["-tv", "--numeric-owner", "-f", tarp], None);
-    assert!(listing.contains(&format!("3000000/4000000")), "{listing}");
+    assert!(listing.contains("3000000/4000000"), "{listing}");
     assert!(listing.contains(&long_file[1..]), "{listing}");
     assert!(listing.contains(&format!("s -> {long_target}")), "{listing}");
 

@@ -208,7 +208,7 @@ impl Plan {
                     EntryKind::Hardlink { .. } => {
                         return Err(bad(e, "is part of a cycle of hard links"));
                     }
-                    k if matches!(k, EntryKind::HostFile(_) | EntryKind::Bytes(_)) => break j,
+                    EntryKind::HostFile(_) | EntryKind::Bytes(_) => break j,
                     _ => {
                         return Err(bad(
                             e,
