@@ -32,7 +32,7 @@ fn gnu_tar_lists_order_owners_modes_and_clamped_mtimes() {
             .unwrap()
             .with_owner(1000, 1000)
             .with_mode(0o755),
-        LayerEntry::from_host("/app/old.txt", &old).unwrap().with_owner(0, 0),
+        LayerEntry::from_host("/app/old.txt", &old).unwrap(),
         LayerEntry::dir("/app").with_owner(1000, 1000),
         LayerEntry::dir("/app/bin").with_owner(1000, 1000),
         LayerEntry::symlink("/app/current", "bin/app.sh"),

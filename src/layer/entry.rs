@@ -103,8 +103,10 @@ impl LayerEntry {
     }
 
     /// An entry for `image_path` described by the host file `host` (not followed if it is
-    /// a symlink): kind, mode, uid, gid and mtime come from `lstat`; xattrs are not read
-    /// (COPY does not carry them). Override fields afterwards for `--chown`/`--chmod`.
+    /// a symlink), as COPY/ADD take it: kind, permission bits and mtime come from `lstat`;
+    /// the owner is root (0:0) whoever owns the file on this machine, since the image must
+    /// not depend on who checked the context out; xattrs are not read. Override fields
+    /// afterwards for `--chown`/`--chmod`.
     pub fn from_host(
         image_path: impl Into<PathBuf>,
         host: impl AsRef<Path>,
@@ -137,8 +139,8 @@ impl LayerEntry {
             path: image_path.into(),
             kind,
             mode: meta.mode() & 0o7777,
-            uid: meta.uid(),
-            gid: meta.gid(),
+            uid: 0,
+            gid: 0,
             mtime: Some(meta.mtime()),
             xattrs: BTreeMap::new(),
         })
@@ -168,4 +170,36 @@ impl LayerEntry {
 
 pub(crate) fn split_dev(rdev: u64) -> (u32, u32) {
     (libc::major(rdev), libc::minor(rdev))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn from_host_keeps_mode_and_mtime_but_not_the_host_owner() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        fs::write(&f, "x").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o750)).unwrap();
+        std::os::unix::fs::chown(&f, Some(1234), Some(5678)).unwrap();
+        let mtime = fs::metadata(&f).unwrap().mtime();
+        let e = LayerEntry::from_host("/app/f", &f).unwrap();
+        assert_eq!(e.kind, EntryKind::HostFile(f.clone()));
+        assert_eq!((e.mode, e.uid, e.gid, e.mtime), (0o750, 0, 0, Some(mtime)));
+        let e = e.with_owner(1000, 1000).with_mode(0o644);
+        assert_eq!((e.mode, e.uid, e.gid), (0o644, 1000, 1000));
+
+        let l = t.path().join("l");
+        std::os::unix::fs::symlink("f", &l).unwrap();
+        let e = LayerEntry::from_host("/app/l", &l).unwrap();
+        assert_eq!(e.kind, EntryKind::Symlink { target: "f".into() });
+
+        let sock = t.path().join("s");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let err = LayerEntry::from_host("/app/s", &sock).unwrap_err();
+        assert!(err.to_string().contains("socket"), "{err}");
+        assert!(LayerEntry::from_host("/x", t.path().join("missing")).is_err());
+    }
 }

@@ -53,8 +53,11 @@ pub fn ensure_snapshot<R: Read + Send>(
         )));
     }
     let target = snapshots_dir.join(id);
-    if fs::symlink_metadata(&target).map(|m| m.is_dir()).unwrap_or(false) {
-        return Ok(target);
+    match fs::symlink_metadata(&target) {
+        Ok(m) if m.is_dir() => return Ok(target),
+        Ok(_) => return Err(fail(format!("`{}` exists but is not a directory", target.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_fail("looking for the snapshot", e)),
     }
     fs::create_dir_all(snapshots_dir)
         .map_err(|e| io_fail("creating the snapshots directory", e))?;
