@@ -125,26 +125,54 @@ pub fn detect_compression(head: &[u8]) -> Compression {
     }
 }
 
+/// A reader of the uncompressed bytes of an inner reader. It is `Send` when the inner
+/// reader is.
+pub struct Decompressor<R: Read> {
+    decoder: Decoder<R>,
+}
+
+enum Decoder<R: Read> {
+    None(R),
+    Gzip(flate2::read::MultiGzDecoder<R>),
+    Zstd(zstd::stream::read::Decoder<'static, io::BufReader<R>>),
+    Bzip2(bzip2::read::MultiBzDecoder<R>),
+    Xz(xz2::read::XzDecoder<R>),
+}
+
+impl<R: Read> Read for Decompressor<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.decoder {
+            Decoder::None(r) => r.read(buf),
+            Decoder::Gzip(r) => r.read(buf),
+            Decoder::Zstd(r) => r.read(buf),
+            Decoder::Bzip2(r) => r.read(buf),
+            Decoder::Xz(r) => r.read(buf),
+        }
+    }
+}
+
 /// A reader of the uncompressed bytes of `inner`, which is in `compression`. Concatenated
 /// members/frames/streams are all read, as `gzip -d` and friends do.
-pub fn decompressing_reader<'a, R: Read + Send + 'a>(
+pub fn decompressing_reader<R: Read>(
     inner: R,
     compression: Compression,
-) -> io::Result<Box<dyn Read + Send + 'a>> {
-    Ok(match compression {
-        Compression::None => Box::new(inner),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(inner)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(inner)?),
-        Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(inner)),
-        Compression::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(inner)),
-    })
+) -> io::Result<Decompressor<R>> {
+    let decoder = match compression {
+        Compression::None => Decoder::None(inner),
+        Compression::Gzip => Decoder::Gzip(flate2::read::MultiGzDecoder::new(inner)),
+        Compression::Zstd => Decoder::Zstd(zstd::stream::read::Decoder::new(inner)?),
+        Compression::Bzip2 => Decoder::Bzip2(bzip2::read::MultiBzDecoder::new(inner)),
+        Compression::Xz => Decoder::Xz(xz2::read::XzDecoder::new_multi_decoder(inner)),
+    };
+    Ok(Decompressor { decoder })
 }
+
+/// A stream whose first bytes were read to detect its compression, then put back.
+pub type Peeked<R> = io::Chain<io::Cursor<Vec<u8>>, R>;
 
 /// Detect the compression of `inner` from its first bytes and return it with a reader of
 /// the uncompressed stream. Only the magic bytes are buffered.
-pub fn decompress<'a, R: Read + Send + 'a>(
-    mut inner: R,
-) -> io::Result<(Compression, Box<dyn Read + Send + 'a>)> {
+pub fn decompress<R: Read>(mut inner: R) -> io::Result<(Compression, Decompressor<Peeked<R>>)> {
     let mut head = [0u8; MAGIC_LEN];
     let mut n = 0;
     while n < head.len() {
@@ -282,5 +310,12 @@ mod tests {
             LayerCompression::from_media_type(MEDIA_TYPE_DOCKER_LAYER),
             Some(LayerCompression::Gzip)
         );
+    }
+
+    #[test]
+    fn decompressing_a_sendable_reader_is_sendable() {
+        fn send<T: Send>(_: &T) {}
+        let (_, r) = decompress(io::Cursor::new(vec![0u8; 10])).unwrap();
+        send(&r);
     }
 }

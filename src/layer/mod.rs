@@ -24,8 +24,9 @@ use std::io;
 use std::path::PathBuf;
 
 pub use compress::{
-    decompress, decompressing_reader, detect_compression, Compression, LayerCompression, MAGIC_LEN,
-    MEDIA_TYPE_DOCKER_LAYER, MEDIA_TYPE_TAR, MEDIA_TYPE_TAR_GZIP, MEDIA_TYPE_TAR_ZSTD,
+    decompress, decompressing_reader, detect_compression, Compression, Decompressor,
+    LayerCompression, Peeked, MAGIC_LEN, MEDIA_TYPE_DOCKER_LAYER, MEDIA_TYPE_TAR,
+    MEDIA_TYPE_TAR_GZIP, MEDIA_TYPE_TAR_ZSTD,
 };
 pub use entry::{EntryKind, LayerEntry};
 pub use extract::{extract_layer, ExtractMode, ExtractStats};

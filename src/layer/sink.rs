@@ -94,7 +94,7 @@ pub fn pack_entries<W: Write>(
 /// registry from the stored zstd one), streaming. The uncompressed stream must hash to
 /// `expected_diff_id`; otherwise the result is an error, and whatever was written to `out`
 /// must be discarded by the caller.
-pub fn recompress<R: Read + Send, W: Write>(
+pub fn recompress<R: Read, W: Write>(
     blob: R,
     from: Compression,
     to: LayerCompression,

@@ -32,7 +32,7 @@ pub fn snapshot_id(diff_id: &Digest) -> String {
 /// under `tmp_dir` (same filesystem as `snapshots_dir`), is synced to disk, and is then
 /// renamed into place without replacing anything: a racing caller that loses simply
 /// returns the winner's snapshot, and a crash leaves only garbage in `tmp_dir`.
-pub fn ensure_snapshot<R: Read + Send>(
+pub fn ensure_snapshot<R: Read>(
     snapshots_dir: &Path,
     tmp_dir: &Path,
     id: &str,

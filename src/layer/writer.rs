@@ -546,4 +546,18 @@ mod tests {
             .collect();
         assert!(exts.contains(&("SCHILY.xattr.user.k".to_string(), b"v".to_vec())));
     }
+
+    #[test]
+    fn sizes_and_mtimes_beyond_ustar_go_to_pax() {
+        let mut out = Vec::new();
+        let e = LayerEntry::bytes("big", "").with_mtime(-5);
+        let mut em = Emitter { out: &mut out, epoch: 1000 };
+        em.header(b"big", typeflag::REGULAR, &e, 9 << 30, b"", (0, 0)).unwrap();
+        let mut r = crate::layer::reader::TarReader::new(&out[..]);
+        let h = r.next_entry().unwrap().unwrap();
+        assert_eq!((h.size, h.mtime), (9 << 30, -5));
+        let records = format::parse_pax_records(&out[512..1024]).unwrap();
+        let keys: Vec<&str> = records.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, vec!["size", "mtime"]);
+    }
 }
