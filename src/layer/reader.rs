@@ -296,6 +296,16 @@ impl<R: Read> TarReader<R> {
     }
 }
 
+/// Whether `first_block` (the first 512 bytes of an uncompressed stream) is a tar header
+/// with a valid checksum: how `ADD` tells an archive to unpack from a file to copy, as
+/// docker does after decompressing.
+pub fn looks_like_tar(first_block: &[u8]) -> bool {
+    let Ok(block) = <&[u8; BLOCK]>::try_from(first_block) else {
+        return false;
+    };
+    !block.iter().all(|&c| c == 0) && format::decode_header(block).is_ok()
+}
+
 fn padding(size: u64) -> u64 {
     (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64
 }
@@ -382,5 +392,15 @@ mod tests {
         write_tar(vec![LayerEntry::bytes("f", vec![7u8; 2000])], 0, &mut tar).unwrap();
         let err = read_all(&tar[..1200]).unwrap_err().to_string();
         assert!(err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn tar_sniffing() {
+        let mut tar = Vec::new();
+        write_tar(vec![LayerEntry::bytes("a", "x")], 0, &mut tar).unwrap();
+        assert!(looks_like_tar(&tar[..512]));
+        assert!(!looks_like_tar(&[0u8; 512]));
+        assert!(!looks_like_tar(&[b'a'; 512]));
+        assert!(!looks_like_tar(&tar[..100]));
     }
 }
