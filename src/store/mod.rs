@@ -111,21 +111,7 @@ impl Store {
 
     /// `$FERRY_STORE`, else `$XDG_DATA_HOME/ferry`, else `~/.local/share/ferry`.
     pub fn default_root() -> Result<PathBuf> {
-        let non_empty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-        if let Some(p) = non_empty("FERRY_STORE") {
-            return Ok(PathBuf::from(p));
-        }
-        if let Some(p) = non_empty("XDG_DATA_HOME") {
-            return Ok(PathBuf::from(p).join("ferry"));
-        }
-        match non_empty("HOME") {
-            Some(home) => Ok(PathBuf::from(home).join(".local/share/ferry")),
-            None => Err(StoreError::Invalid {
-                what: "the environment".to_string(),
-                reason: "none of FERRY_STORE, XDG_DATA_HOME or HOME is set; pass --store DIR"
-                    .to_string(),
-            }),
-        }
+        root_from_env(|k| std::env::var_os(k))
     }
 
     pub fn root(&self) -> &Path {
@@ -335,6 +321,26 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+/// The default-root rule over any environment (so it can be tested without touching the
+/// process environment).
+fn root_from_env(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<PathBuf> {
+    let non_empty = |k: &str| var(k).filter(|v| !v.is_empty());
+    if let Some(p) = non_empty("FERRY_STORE") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(p) = non_empty("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(p).join("ferry"));
+    }
+    match non_empty("HOME") {
+        Some(home) => Ok(PathBuf::from(home).join(".local/share/ferry")),
+        None => Err(StoreError::Invalid {
+            what: "the environment".to_string(),
+            reason: "none of FERRY_STORE, XDG_DATA_HOME or HOME is set; pass --store DIR"
+                .to_string(),
+        }),
     }
 }
 
