@@ -384,7 +384,8 @@ mod tests {
         assert!(e("Alpine").to_string().contains("lowercase"));
         assert_eq!(e("alpine:").part, ReferencePart::Tag);
         assert_eq!(e("alpine:-x").part, ReferencePart::Tag);
-        assert_eq!(e("alpine:a/b").part, ReferencePart::Tag);
+        // As docker reads it: "alpine:a" is a registry with a bad port.
+        assert_eq!(e("alpine:a/b").part, ReferencePart::Registry);
         assert_eq!(e("alpine@sha256:abc").part, ReferencePart::Digest);
         assert_eq!(e("host:xx/alpine").part, ReferencePart::Registry);
         assert_eq!(e("ho_st.com/alpine").part, ReferencePart::Registry);
