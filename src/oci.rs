@@ -77,7 +77,9 @@ impl Compression {
         use media_type::*;
         match mt {
             OCI_LAYER | OCI_LAYER_NONDIST => Some(Compression::None),
-            OCI_LAYER_GZIP | OCI_LAYER_NONDIST_GZIP | DOCKER_LAYER_GZIP
+            OCI_LAYER_GZIP
+            | OCI_LAYER_NONDIST_GZIP
+            | DOCKER_LAYER_GZIP
             | DOCKER_LAYER_FOREIGN_GZIP => Some(Compression::Gzip),
             OCI_LAYER_ZSTD | OCI_LAYER_NONDIST_ZSTD => Some(Compression::Zstd),
             _ => None,
@@ -340,7 +342,8 @@ pub fn parse_manifest(
         .or_else(|| declared.map(str::to_string))
         .or_else(|| probe.effective_media_type().map(str::to_string))
         .ok_or_else(|| "it has no media type and is neither a manifest nor an index".to_string())?;
-    if mt == media_type::DOCKER_MANIFEST_V1 || mt == media_type::DOCKER_MANIFEST_V1_SIGNED
+    if mt == media_type::DOCKER_MANIFEST_V1
+        || mt == media_type::DOCKER_MANIFEST_V1_SIGNED
         || probe.schema_version == Some(1)
     {
         return Err("it is a docker schema 1 manifest, deprecated and not supported; \

@@ -241,8 +241,11 @@ fn validate_tag(tag: &str) -> Result<(), String> {
     if !first_ok {
         return Err(format!("{tag:?} must start with a letter, digit or '_'"));
     }
-    if let Some(bad) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
-        return Err(format!("{tag:?} contains {bad:?}; a tag has only letters, digits, '_', '.' and '-'"));
+    if let Some(bad) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "{tag:?} contains {bad:?}; a tag has only letters, digits, '_', '.' and '-'"
+        ));
     }
     Ok(())
 }
@@ -356,7 +359,10 @@ mod tests {
         assert_eq!(r.to_string(), "docker.io/library/alpine:latest");
         assert_eq!(r.familiar(), "alpine:latest");
         assert_eq!(p("user/app:1.0").to_string(), "docker.io/user/app:1.0");
-        assert_eq!(p("index.docker.io/library/alpine").to_string(), "docker.io/library/alpine:latest");
+        assert_eq!(
+            p("index.docker.io/library/alpine").to_string(),
+            "docker.io/library/alpine:latest"
+        );
         assert_eq!(p("docker.io/alpine:3").store_name(), "docker.io/library/alpine:3");
     }
 

@@ -66,7 +66,12 @@ const SMALL_FILE_MAX: u64 = 8 * 1024 * 1024;
 
 impl Store {
     /// Write `images` to `out` (atomically: a failed save leaves no file behind).
-    pub fn save_archive(&self, images: &[ArchiveImage], format: ArchiveFormat, out: &Path) -> Result<()> {
+    pub fn save_archive(
+        &self,
+        images: &[ArchiveImage],
+        format: ArchiveFormat,
+        out: &Path,
+    ) -> Result<()> {
         let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let tmp = tempfile::Builder::new()
             .prefix(".ferry-save-")
@@ -114,7 +119,11 @@ impl Store {
                 desc.annotations.insert(ANNOTATION_CONTAINERD_NAME.to_string(), r.store_name());
             }
             index.manifests.push(desc);
-            blobs.extend(img.blobs().into_iter().filter(|d| Some(d) != img.index.as_ref().map(|i| &i.digest)));
+            blobs.extend(
+                img.blobs()
+                    .into_iter()
+                    .filter(|d| Some(d) != img.index.as_ref().map(|i| &i.digest)),
+            );
             if format == ArchiveFormat::Oci {
                 continue;
             }
@@ -198,7 +207,11 @@ impl Store {
     }
 
     /// Decompress a zstd layer into a temp file, checking it against its diffID.
-    fn decompress_to_temp(&self, layer: &Descriptor, diff_id: &Digest) -> Result<tempfile::NamedTempFile> {
+    fn decompress_to_temp(
+        &self,
+        layer: &Descriptor,
+        diff_id: &Digest,
+    ) -> Result<tempfile::NamedTempFile> {
         let dir = self.tmp_dir();
         let mut tmp = tempfile::Builder::new()
             .prefix("save-")
@@ -228,7 +241,8 @@ impl Store {
     /// whole image is stored. `source` names the input in errors.
     pub fn load_archive(&self, input: impl Read, source: &Path) -> Result<Vec<LoadedImage>> {
         let _gc = self.gc_guard()?;
-        let archive_err = |reason: String| StoreError::Archive { path: source.to_path_buf(), reason };
+        let archive_err =
+            |reason: String| StoreError::Archive { path: source.to_path_buf(), reason };
         let mut buffered = BufReader::with_capacity(256 * 1024, input);
         let head = buffered.fill_buf().map_err(io_err("read", source))?;
         let compression = Compression::sniff(head);
@@ -245,7 +259,11 @@ impl Store {
                     .map_err(io_err("read", source))?
                     .map(|t| t.to_string_lossy().to_string())
                     .unwrap_or_default();
-                let target = if kind.is_symlink() { join_relative(&path, &target) } else { normalize(&target) };
+                let target = if kind.is_symlink() {
+                    join_relative(&path, &target)
+                } else {
+                    normalize(&target)
+                };
                 files.links.insert(path, target);
                 continue;
             }
@@ -257,9 +275,9 @@ impl Store {
                     .parse()
                     .map_err(|_| archive_err(format!("{path} is not named by a sha256 digest")))?;
                 self.put_blob_reader(&mut entry, Some(&expected)).map_err(|e| match e {
-                    StoreError::DigestMismatch { actual, .. } => {
-                        archive_err(format!("{path} does not match its digest (its content is {actual})"))
-                    }
+                    StoreError::DigestMismatch { actual, .. } => archive_err(format!(
+                        "{path} does not match its digest (its content is {actual})"
+                    )),
                     other => other,
                 })?;
                 files.blobs.insert(path, expected);
@@ -283,7 +301,10 @@ impl Store {
                     .to_string(),
             ))
         } else {
-            Err(archive_err("it has neither manifest.json nor index.json: not a docker or OCI archive".to_string()))
+            Err(archive_err(
+                "it has neither manifest.json nor index.json: not a docker or OCI archive"
+                    .to_string(),
+            ))
         }
     }
 
@@ -312,16 +333,20 @@ impl Store {
         for entry in entries {
             let config_bytes = files.bytes(self, &entry.config, archive_err)?;
             let config_digest = self.put_blob_bytes(&config_bytes, None)?;
-            let config: ImageConfig = serde_json::from_slice(&config_bytes)
-                .map_err(|e| archive_err(format!("{} is not an image config: {e}", entry.config)))?;
+            let config: ImageConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
+                archive_err(format!("{} is not an image config: {e}", entry.config))
+            })?;
             let desc = match exact.get(&config_digest) {
                 Some(d) => d.clone(),
-                None => self.synthesize_manifest(files, &entry, &config, &config_bytes, archive_err)?,
+                None => {
+                    self.synthesize_manifest(files, &entry, &config, &config_bytes, archive_err)?
+                }
             };
             let mut names = Vec::new();
             for t in &entry.repo_tags {
-                let r = Reference::parse(t)
-                    .map_err(|e| archive_err(format!("manifest.json has an invalid RepoTag: {e}")))?;
+                let r = Reference::parse(t).map_err(|e| {
+                    archive_err(format!("manifest.json has an invalid RepoTag: {e}"))
+                })?;
                 names.push(r.store_name());
             }
             self.name_loaded(&desc, &names)?;
@@ -355,11 +380,13 @@ impl Store {
             let mut f = BufReader::new(self.open_blob(&digest)?);
             let head = f.fill_buf().map_err(io_err("read", &self.blob_path(&digest)))?;
             let compression = Compression::sniff(head);
-            let mut dec = compression.decoder(f).map_err(io_err("read", &self.blob_path(&digest)))?;
+            let mut dec =
+                compression.decoder(f).map_err(io_err("read", &self.blob_path(&digest)))?;
             let mut hasher = Hasher::new();
             let mut buf = vec![0u8; 256 * 1024];
             loop {
-                let n = dec.read(&mut buf).map_err(io_err("decompress", &self.blob_path(&digest)))?;
+                let n =
+                    dec.read(&mut buf).map_err(io_err("decompress", &self.blob_path(&digest)))?;
                 if n == 0 {
                     break;
                 }
@@ -427,7 +454,8 @@ impl Store {
             desc.annotations.remove(ANNOTATION_REF_NAME);
             let names: Vec<String> = name.into_iter().collect();
             self.name_loaded(&desc, &names)?;
-            let id = self.image(&desc).map(|i| i.id().clone()).unwrap_or_else(|_| desc.digest.clone());
+            let id =
+                self.image(&desc).map(|i| i.id().clone()).unwrap_or_else(|_| desc.digest.clone());
             loaded.push(LoadedImage { names, digest: desc.digest.clone(), id });
         }
         Ok(loaded)
@@ -450,7 +478,11 @@ impl Store {
             if media_type::is_index(&d.media_type) {
                 if let Ok(bytes) = self.read_blob(&d.digest) {
                     if let Ok((_, ParsedManifest::Index(i))) = oci::parse_manifest(&bytes, None) {
-                        out.extend(i.manifests.into_iter().filter(|m| media_type::is_manifest(&m.media_type)));
+                        out.extend(
+                            i.manifests
+                                .into_iter()
+                                .filter(|m| media_type::is_manifest(&m.media_type)),
+                        );
                     }
                 }
             } else {
@@ -481,7 +513,12 @@ impl ArchiveFiles {
         p
     }
 
-    fn bytes(&self, store: &Store, path: &str, err: &dyn Fn(String) -> StoreError) -> Result<Vec<u8>> {
+    fn bytes(
+        &self,
+        store: &Store,
+        path: &str,
+        err: &dyn Fn(String) -> StoreError,
+    ) -> Result<Vec<u8>> {
         let p = self.follow(path);
         if let Some(b) = self.small.get(&p) {
             return Ok(b.clone());
@@ -493,7 +530,12 @@ impl ArchiveFiles {
     }
 
     /// The file as a stored blob (storing it now if it was kept in memory).
-    fn blob(&self, store: &Store, path: &str, err: &dyn Fn(String) -> StoreError) -> Result<Digest> {
+    fn blob(
+        &self,
+        store: &Store,
+        path: &str,
+        err: &dyn Fn(String) -> StoreError,
+    ) -> Result<Digest> {
         let p = self.follow(path);
         if let Some(d) = self.blobs.get(&p) {
             return Ok(d.clone());
@@ -528,7 +570,10 @@ fn join_relative(link: &str, target: &str) -> String {
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(|e| StoreError::Invalid { what: "archive metadata".to_string(), reason: e.to_string() })
+    serde_json::to_vec(v).map_err(|e| StoreError::Invalid {
+        what: "archive metadata".to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn base_header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
@@ -542,7 +587,12 @@ fn base_header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
     h
 }
 
-fn append_bytes<W: Write>(tar: &mut tar::Builder<W>, path: &str, bytes: &[u8], err_path: &Path) -> Result<()> {
+fn append_bytes<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    bytes: &[u8],
+    err_path: &Path,
+) -> Result<()> {
     let mut h = base_header(tar::EntryType::Regular, bytes.len() as u64, 0o644);
     tar.append_data(&mut h, path, bytes).map_err(io_err("write", err_path))
 }

@@ -59,7 +59,11 @@ impl BlobWriter {
         })?;
         if let Some(exp) = expected {
             if *exp != digest {
-                return Err(StoreError::DigestMismatch { expected: exp.clone(), actual: digest, size });
+                return Err(StoreError::DigestMismatch {
+                    expected: exp.clone(),
+                    actual: digest,
+                    size,
+                });
             }
         }
         let dest = store.blob_path(&digest);

@@ -41,7 +41,8 @@ impl Store {
     /// Every blob reachable from `index.json` and from `extra_roots`.
     pub fn reachable(&self, extra_roots: &[Digest]) -> Result<HashSet<Digest>> {
         let index = self.read_index()?;
-        let mut queue: VecDeque<Digest> = index.manifests.iter().map(|m| m.digest.clone()).collect();
+        let mut queue: VecDeque<Digest> =
+            index.manifests.iter().map(|m| m.digest.clone()).collect();
         queue.extend(extra_roots.iter().cloned());
         let mut seen = HashSet::new();
         while let Some(d) = queue.pop_front() {
@@ -90,9 +91,9 @@ impl Store {
                     Some(name) => mode == PruneMode::Dangling || display_name(name).1.is_some(),
                 };
                 if !keep {
-                    report
-                        .removed_names
-                        .push(ref_name(m).map(str::to_string).unwrap_or_else(|| m.digest.to_string()));
+                    report.removed_names.push(
+                        ref_name(m).map(str::to_string).unwrap_or_else(|| m.digest.to_string()),
+                    );
                 }
                 keep
             });
@@ -102,7 +103,8 @@ impl Store {
         let dir = self.root.join("blobs/sha256");
         for entry in fs::read_dir(&dir).map_err(io_err("read", &dir))? {
             let entry = entry.map_err(io_err("read", &dir))?;
-            let Ok(digest) = format!("sha256:{}", entry.file_name().to_string_lossy()).parse::<Digest>()
+            let Ok(digest) =
+                format!("sha256:{}", entry.file_name().to_string_lossy()).parse::<Digest>()
             else {
                 continue;
             };
@@ -122,7 +124,12 @@ impl Store {
     /// that nothing else reaches. Refuses to delete an image another named image is built on
     /// (its layers are a prefix of the other's), and to untag an image id that has several
     /// names, unless `force`.
-    pub fn remove_image(&self, input: &str, force: bool, extra_roots: &[Digest]) -> Result<RemoveReport> {
+    pub fn remove_image(
+        &self,
+        input: &str,
+        force: bool,
+        extra_roots: &[Digest],
+    ) -> Result<RemoveReport> {
         let _gc = self.lock("gc")?;
         let resolved = self.resolve(input)?;
         let digest = resolved.descriptor.digest.clone();

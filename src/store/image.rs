@@ -80,9 +80,10 @@ impl Store {
 
     pub fn image_for_platform(&self, desc: &Descriptor, platform: &Platform) -> Result<Image> {
         let bytes = self.read_blob(&desc.digest)?;
-        let (_, parsed) = oci::parse_manifest(&bytes, Some(&desc.media_type)).map_err(|reason| {
-            StoreError::Invalid { what: format!("manifest {}", desc.digest), reason }
-        })?;
+        let (_, parsed) =
+            oci::parse_manifest(&bytes, Some(&desc.media_type)).map_err(|reason| {
+                StoreError::Invalid { what: format!("manifest {}", desc.digest), reason }
+            })?;
         match parsed {
             ParsedManifest::Image(manifest) => {
                 let config = self.read_config(&manifest)?;
@@ -158,9 +159,10 @@ impl Store {
             match found.len() {
                 0 => {}
                 1 => {
-                    let descriptor = found.into_values().next().ok_or_else(|| {
-                        StoreError::ImageNotFound { name: input.to_string() }
-                    })?;
+                    let descriptor = found
+                        .into_values()
+                        .next()
+                        .ok_or_else(|| StoreError::ImageNotFound { name: input.to_string() })?;
                     return Ok(Resolved { name: None, descriptor });
                 }
                 _ => {
@@ -202,7 +204,10 @@ impl Store {
 }
 
 /// Pick the index entry for `platform`; never an attestation (`unknown/unknown`).
-pub fn choose_platform<'a>(index: &'a oci::ImageIndex, platform: &Platform) -> Option<&'a Descriptor> {
+pub fn choose_platform<'a>(
+    index: &'a oci::ImageIndex,
+    platform: &Platform,
+) -> Option<&'a Descriptor> {
     let entries = index.manifests.iter().filter(|m| oci::media_type::is_manifest(&m.media_type));
     let mut fallback = None;
     for m in entries {

@@ -39,7 +39,7 @@ use crate::oci::{self, Descriptor};
 pub use archive::{ArchiveFormat, ArchiveImage, LoadedImage};
 pub use blob::BlobWriter;
 pub use gc::{PruneMode, PruneReport, RemoveReport};
-pub use image::{Image, ImageSummary, Resolved};
+pub use image::{choose_platform, display_name, Image, ImageSummary, Resolved};
 pub use lock::LockGuard;
 pub use verify::{CorruptBlob, MissingBlob, VerifyReport};
 

@@ -136,7 +136,12 @@ impl Store {
 
     /// Names pointing at `digest`.
     pub fn names_of(&self, digest: &Digest) -> Result<Vec<String>> {
-        Ok(self.list_refs()?.into_iter().filter(|(_, d)| d.digest == *digest).map(|(n, _)| n).collect())
+        Ok(self
+            .list_refs()?
+            .into_iter()
+            .filter(|(_, d)| d.digest == *digest)
+            .map(|(n, _)| n)
+            .collect())
     }
 }
 

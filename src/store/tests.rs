@@ -31,7 +31,8 @@ fn put_image(store: &Store, layers: &[Vec<u8>], compression: Compression) -> Des
         let blob = match compression {
             Compression::None => tar.clone(),
             Compression::Gzip => {
-                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
                 e.write_all(tar).unwrap();
                 e.finish().unwrap()
             }
@@ -132,7 +133,10 @@ fn refs_live_in_index_json_with_the_ref_name_annotation() {
     let names: Vec<String> = s.list_refs().unwrap().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["app", "docker.io/library/app:1"]);
     let raw = std::fs::read_to_string(s.root().join("index.json")).unwrap();
-    assert!(raw.contains(r#""org.opencontainers.image.ref.name": "docker.io/library/app:1""#), "{raw}");
+    assert!(
+        raw.contains(r#""org.opencontainers.image.ref.name": "docker.io/library/app:1""#),
+        "{raw}"
+    );
     assert_eq!(s.remove_ref("app").unwrap(), Some(desc));
     assert_eq!(s.get_ref("app").unwrap(), None);
     assert!(s.set_ref("bad name", &put_image(&s, &[], Compression::Gzip)).is_err());
@@ -299,12 +303,16 @@ fn archives_round_trip_and_keep_the_manifest_digest() {
     for format in [ArchiveFormat::Docker, ArchiveFormat::Oci] {
         for compression in [Compression::Gzip, Compression::Zstd, Compression::None] {
             let (d, s) = store();
-            let a = put_image(&s, &[layer_tar(&[("a", b"1")]), layer_tar(&[("b", b"2")])], compression);
+            let a =
+                put_image(&s, &[layer_tar(&[("a", b"1")]), layer_tar(&[("b", b"2")])], compression);
             s.set_ref("docker.io/library/app:1", &a).unwrap();
             s.set_ref("plain", &a).unwrap();
             let out = d.path().join("x.tar");
             let images = [
-                ArchiveImage { name: Some("docker.io/library/app:1".into()), descriptor: a.clone() },
+                ArchiveImage {
+                    name: Some("docker.io/library/app:1".into()),
+                    descriptor: a.clone(),
+                },
                 ArchiveImage { name: Some("plain".into()), descriptor: a.clone() },
             ];
             s.save_archive(&images, format, &out).unwrap();
@@ -360,8 +368,12 @@ fn load_rejects_a_tampered_blob_and_names_nothing() {
     let (d, s) = store();
     let a = put_image(&s, &[layer_tar(&[("a", b"1")])], Compression::Gzip);
     let out = d.path().join("x.tar");
-    s.save_archive(&[ArchiveImage { name: Some("app".into()), descriptor: a.clone() }], ArchiveFormat::Oci, &out)
-        .unwrap();
+    s.save_archive(
+        &[ArchiveImage { name: Some("app".into()), descriptor: a.clone() }],
+        ArchiveFormat::Oci,
+        &out,
+    )
+    .unwrap();
     // Rewrite the archive with one blob's content changed.
     let mut ar = tar::Archive::new(std::fs::File::open(&out).unwrap());
     let mut b = tar::Builder::new(Vec::new());
@@ -414,8 +426,12 @@ fn default_root_follows_the_environment_order() {
     };
     const ALL: &[(&str, &str)] = &[("FERRY_STORE", "/s"), ("XDG_DATA_HOME", "/x"), ("HOME", "/h")];
     assert_eq!(root_from_env(env(ALL)).unwrap(), std::path::Path::new("/s"));
-    const NO_STORE: &[(&str, &str)] = &[("FERRY_STORE", ""), ("XDG_DATA_HOME", "/x"), ("HOME", "/h")];
+    const NO_STORE: &[(&str, &str)] =
+        &[("FERRY_STORE", ""), ("XDG_DATA_HOME", "/x"), ("HOME", "/h")];
     assert_eq!(root_from_env(env(NO_STORE)).unwrap(), std::path::Path::new("/x/ferry"));
-    assert_eq!(root_from_env(env(&[("HOME", "/h")])).unwrap(), std::path::Path::new("/h/.local/share/ferry"));
+    assert_eq!(
+        root_from_env(env(&[("HOME", "/h")])).unwrap(),
+        std::path::Path::new("/h/.local/share/ferry")
+    );
     assert!(root_from_env(env(&[])).is_err());
 }

@@ -57,10 +57,8 @@ impl Store {
             }
         }
         files.sort();
-        let results: Vec<(Digest, std::result::Result<(Digest, u64), String>)> = files
-            .par_iter()
-            .map(|(d, path)| (d.clone(), hash_file(path)))
-            .collect();
+        let results: Vec<(Digest, std::result::Result<(Digest, u64), String>)> =
+            files.par_iter().map(|(d, path)| (d.clone(), hash_file(path))).collect();
         for (d, r) in results {
             report.blobs_checked += 1;
             match r {
@@ -77,7 +75,8 @@ impl Store {
             }
         }
         for entry in self.read_index()?.manifests {
-            let image = ref_name(&entry).map(str::to_string).unwrap_or_else(|| entry.digest.to_string());
+            let image =
+                ref_name(&entry).map(str::to_string).unwrap_or_else(|| entry.digest.to_string());
             let mut queue = VecDeque::from([entry.digest.clone()]);
             let mut seen = HashSet::new();
             while let Some(d) = queue.pop_front() {
