@@ -11,6 +11,7 @@ pub mod dockerfile;
 pub mod graph;
 pub mod layer;
 pub mod manifest;
+pub mod oci;
 pub mod plan;
 pub mod reference;
 pub mod registry;

@@ -1,1 +1,142 @@
-//! registry (see DESIGN.md).
+//! OCI distribution client (DESIGN.md section 9): auth (anonymous, Basic, bearer tokens with
+//! scopes; docker `config.json`), mirrors, insecure registries, retries; and `pull` into the
+//! store. Everything that talks to a registry goes through the [`Registry`] trait, so
+//! push/promote reuse the client and tests can put a fake behind it.
+
+mod auth;
+mod client;
+mod config;
+mod credentials;
+mod pull;
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::digest::Digest;
+use crate::oci::{Descriptor, ImageIndex};
+use crate::reference::Repository;
+use crate::store::StoreError;
+
+pub use auth::{parse_challenges, pull_scope, push_scope, Challenge};
+pub use client::{RegistryClient, RetryPolicy};
+pub use config::{RegistryConfig, RegistryHostConfig};
+pub use credentials::{auth_key, Credential, DockerConfigFile, Secret, StoredIn};
+pub use pull::{pull, PullOptions, PullReport};
+
+/// Registry failures, worded for the user. No variant ever holds a credential or token.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot reach registry {registry}: {reason}")]
+    Unreachable { registry: String, reason: String },
+    #[error("registry {registry} requires authentication; run `ferry login {registry}`")]
+    AuthRequired { registry: String },
+    #[error("registry {registry} refused the credentials{}; run `ferry login {registry}` to store valid ones", user.as_ref().map(|u| format!(" of user {u:?}")).unwrap_or_default())]
+    Unauthorized { registry: String, user: Option<String> },
+    #[error("registry {registry} denied access to {what}{}; check your permissions or run `ferry login {registry}`", detail_suffix(detail))]
+    Denied { registry: String, what: String, detail: String },
+    #[error("{what} not found in {registry}{}", detail_suffix(detail))]
+    NotFound { registry: String, what: String, detail: String },
+    #[error("registry {registry} answered {status} to {what}{}", detail_suffix(detail))]
+    Status { registry: String, what: String, status: u16, detail: String },
+    #[error("{what} from {registry} does not match its digest: expected {expected}, got {actual}; it was not stored")]
+    DigestMismatch { registry: String, what: String, expected: Digest, actual: Digest },
+    #[error("{what} from {registry} is not valid: {reason}")]
+    Invalid { registry: String, what: String, reason: String },
+    #[error("credentials for {registry}: {reason}")]
+    Credentials { registry: String, reason: String },
+    #[error("registry settings for {registry}: {reason}")]
+    Config { registry: String, reason: String },
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({detail})")
+    }
+}
+
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// A manifest or index as the registry served it.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    /// The exact bytes: the digest is computed over these, never over a re-serialisation.
+    pub bytes: Vec<u8>,
+    /// The media type it was served with (or its own `mediaType`).
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+impl FetchedManifest {
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor::new(self.media_type.clone(), self.digest.clone(), self.bytes.len() as u64)
+    }
+}
+
+/// A blob being downloaded.
+pub struct BlobStream {
+    pub reader: Box<dyn Read + Send>,
+    /// The size the registry announced, if it did.
+    pub size: Option<u64>,
+}
+
+/// What a cross-repository mount did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountOutcome {
+    /// 201: the registry linked the blob; nothing was sent.
+    Mounted,
+    /// 202: the registry did not mount it; the blob was uploaded instead.
+    Uploaded,
+}
+
+/// The OCI distribution operations ferry needs.
+pub trait Registry: Send + Sync {
+    /// GET a manifest or index by tag or digest (mirrors first). When `reference` is a
+    /// digest, the bytes are verified against it.
+    fn get_manifest(&self, repo: &Repository, reference: &str) -> Result<FetchedManifest>;
+    /// HEAD a manifest: its descriptor, or None if the registry does not have it.
+    fn head_manifest(&self, repo: &Repository, reference: &str) -> Result<Option<Descriptor>>;
+    /// PUT a manifest with its exact bytes and media type; the digest the registry stored.
+    fn put_manifest(
+        &self,
+        repo: &Repository,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<Digest>;
+    /// HEAD a blob: its size, or None if absent.
+    fn blob_exists(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>>;
+    /// GET a blob as a stream (mirrors first). The caller verifies the digest.
+    fn get_blob(&self, repo: &Repository, digest: &Digest) -> Result<BlobStream>;
+    /// Upload a blob from a file: monolithic PUT when small, chunked PATCH when large.
+    fn put_blob(&self, repo: &Repository, digest: &Digest, size: u64, path: &Path) -> Result<()>;
+    /// Mount a blob from another repository of the same registry; upload it from `path`
+    /// if the registry does not mount it.
+    fn mount_blob(
+        &self,
+        repo: &Repository,
+        from: &Repository,
+        digest: &Digest,
+        size: u64,
+        path: &Path,
+    ) -> Result<MountOutcome>;
+    /// Every tag of a repository.
+    fn list_tags(&self, repo: &Repository) -> Result<Vec<String>>;
+    /// Manifests that refer to `digest` (signatures, SBOMs): the referrers API, else the
+    /// `sha256-<hex>` tag schema; an empty index when there are none.
+    fn referrers(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<ImageIndex>;
+}
