@@ -148,7 +148,7 @@ where
 
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
-            s.spawn(&worker);
+            s.spawn(worker);
         }
     });
 
