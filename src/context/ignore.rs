@@ -104,13 +104,22 @@ impl IgnoreMatcher {
     /// pattern matching the path or one of its parent directories decides (moby's
     /// `MatchesOrParentMatches`).
     pub fn matches(&self, path: &str) -> bool {
-        if path.is_empty() || path == "." {
+        if self.patterns.is_empty() || path.is_empty() || path == "." {
             // The root of the tree is never excluded (docker: "kind of silly").
             return false;
         }
+        // The parent directories, shortest first: "a", "a/b" for "a/b/c" (the same strings
+        // moby builds by splitting and re-joining, sliced once per path instead).
         let parent = glob::dir(path);
-        let parents: Vec<&str> =
-            if parent == "." { Vec::new() } else { parent.split('/').collect() };
+        let parents: Vec<&str> = if parent == "." {
+            Vec::new()
+        } else {
+            parent
+                .match_indices('/')
+                .map(|(i, _)| &parent[..i])
+                .chain(std::iter::once(parent.as_str()))
+                .collect()
+        };
         let mut excluded = false;
         for pattern in &self.patterns {
             // An include pattern cannot change an excluded path, nor an exception an
@@ -118,10 +127,7 @@ impl IgnoreMatcher {
             if pattern.exception != excluded {
                 continue;
             }
-            let mut hit = pattern.matches(path);
-            if !hit {
-                hit = (1..=parents.len()).any(|n| pattern.matches(&parents[..n].join("/")));
-            }
+            let hit = pattern.matches(path) || parents.iter().any(|p| pattern.matches(p));
             if hit {
                 excluded = !pattern.exception;
             }

@@ -285,8 +285,7 @@ impl SourceTree {
             _ => return Err(self.not_found(operand)),
         }
         let mut paths = vec![prefix];
-        for (i, component) in components.iter().enumerate().skip(first_wild) {
-            let last = i + 1 == components.len();
+        for component in &components[first_wild..] {
             let mut next = Vec::new();
             for path in &paths {
                 let Some((physical, meta)) = self.resolve(operand, path)? else { continue };
@@ -309,25 +308,16 @@ impl SourceTree {
                     next.push(join(path, &unescape(component)));
                 }
             }
-            // Keep only what exists and is visible; the last component is checked when loaded.
-            if !last {
-                let mut kept = Vec::new();
-                for path in next {
-                    if self.resolve(operand, &path)?.is_some() {
-                        kept.push(path);
-                    }
+            // Keep what exists in the tree (a literal component may name nothing; a matched
+            // name may be a dangling link), following links: one leading out is an error.
+            paths = Vec::with_capacity(next.len());
+            for path in next {
+                if self.resolve(operand, &path)?.is_some() {
+                    paths.push(path);
                 }
-                next = kept;
-            }
-            paths = next;
-        }
-        let mut found = Vec::new();
-        for path in paths {
-            if self.resolve(operand, &path)?.is_some() {
-                found.push(path);
             }
         }
-        Ok(found)
+        Ok(paths)
     }
 
     /// Names in a directory (by physical relative path), sorted, excluding entries the ignore
