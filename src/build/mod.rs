@@ -4,6 +4,32 @@
 
 pub mod cache;
 pub mod config;
+pub mod executor;
+pub mod fleet;
 pub mod key;
+pub mod output;
 pub mod rootfs;
 pub mod scheduler;
+
+use std::collections::BTreeMap;
+
+pub use fleet::{build_fleet, BuildReport, FleetEvent, ImageReport, ImageStatus};
+
+/// How a build runs.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Images built at once.
+    pub jobs: usize,
+    pub no_cache: bool,
+    /// A failed image fails only its descendants.
+    pub keep_going: bool,
+    /// mtimes in layers and `created` in configs.
+    pub source_date_epoch: i64,
+    pub compression: crate::layer::LayerCompression,
+    /// `os/arch`.
+    pub platform: String,
+    /// `--arg` values, over images.toml args.
+    pub build_args: BTreeMap<String, String>,
+    /// `--secret` values by id; never logged, never in a layer or key.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+}

@@ -32,3 +32,37 @@ pub fn parse_build_arg(s: &str) -> Result<(String, String), String> {
         _ => Err(format!("expected KEY=VALUE, got `{s}`")),
     }
 }
+
+/// The store: `--store`, else $FERRY_STORE, else the default location.
+pub fn open_store(global: &GlobalArgs) -> Result<ferry::store::Store, CliError> {
+    let root = match &global.store {
+        Some(p) => p.clone(),
+        None => ferry::store::Store::default_root()
+            .map_err(|e| CliError::invalid(miette::miette!("{e}")))?,
+    };
+    ferry::store::Store::open(&root).map_err(|e| CliError::invalid(miette::miette!("{e}")))
+}
+
+/// `--output oci:DIR|docker:FILE` for the images `names` (store names).
+pub fn export(
+    store: &ferry::store::Store,
+    names: &[String],
+    kind: &str,
+    path: &std::path::Path,
+) -> Result<(), String> {
+    let mut images = Vec::new();
+    for n in names {
+        let d = store
+            .get_ref(n)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("image `{n}` is not in the store"))?;
+        images.push((n.clone(), d));
+    }
+    match kind {
+        "oci" => {
+            ferry::build::output::write_oci_layout(store, &images, path).map_err(|e| e.to_string())
+        }
+        _ => ferry::build::output::write_docker_archive(store, &images, path)
+            .map_err(|e| e.to_string()),
+    }
+}

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod build;
 mod fleet;
 mod graph;
 mod output;
@@ -94,6 +95,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Show the image graph.
     Graph(graph::GraphArgs),
+    /// Build the fleet (or the named images and their ancestors).
+    Build(build::BuildArgs),
 }
 
 /// Parse arguments, run the command, print errors, return the process exit code.
@@ -134,6 +137,7 @@ fn run(cli: Cli, printer: &Printer) -> CliResult {
     match cli.command {
         Command::Plan(args) => plan::run(&cli.global, args, printer),
         Command::Graph(args) => graph::run(&cli.global, args, printer),
+        Command::Build(args) => build::run(&cli.global, args, printer),
     }
 }
 

@@ -1,0 +1,304 @@
+//! `ferry build`: build the selected images of the fleet over the shared store.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use clap::Args;
+use ferry::build::{build_fleet, BuildOptions, FleetEvent, ImageStatus};
+use ferry::manifest::{Compression, EpochSetting, Manifest};
+
+use super::fleet::{graph_error, load_graph, load_manifest, open_store, parse_build_arg};
+use super::{CliError, CliResult, ExitStatus, GlobalArgs, Printer};
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Images to build (their ancestors come with them); default: all.
+    pub images: Vec<String>,
+    /// Also build the descendants of the named images.
+    #[arg(long)]
+    pub with_dependents: bool,
+    /// Ignore the layer cache (results still land in it).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// A failed image fails only its descendants; the others finish.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// A build arg for every image, overriding images.toml (repeatable).
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_build_arg)]
+    pub args: Vec<(String, String)>,
+    /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or `id=ID,env=VAR`.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
+    pub secrets: Vec<String>,
+    /// Also write the built images to `oci:DIR` (an OCI layout) or `docker:FILE` (a
+    /// docker-archive for `docker load`).
+    #[arg(long, value_name = "oci:DIR|docker:FILE")]
+    pub output: Option<String>,
+}
+
+pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult {
+    let manifest = load_manifest(global)?;
+    let build_args: BTreeMap<String, String> = args.args.iter().cloned().collect();
+    let graph = load_graph(&manifest, &build_args)?;
+    let selected =
+        graph.select(&args.images, args.with_dependents).map_err(|e| graph_error(&manifest, e))?;
+    let output = args
+        .output
+        .as_deref()
+        .map(parse_output)
+        .transpose()
+        .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
+    let store = open_store(global)?;
+    let secrets = args
+        .secrets
+        .iter()
+        .map(|s| load_secret(s))
+        .collect::<Result<BTreeMap<_, _>, _>>()
+        .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
+    let options = BuildOptions {
+        jobs: global
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        no_cache: args.no_cache,
+        keep_going: args.keep_going,
+        source_date_epoch: source_date_epoch(&manifest)
+            .map_err(|m| CliError::invalid(miette::miette!("{m}")))?,
+        compression: match manifest.project.compression {
+            Compression::Zstd => ferry::layer::LayerCompression::Zstd,
+            Compression::Gzip => ferry::layer::LayerCompression::Gzip,
+        },
+        platform: ferry::oci::Platform::host().to_string(),
+        build_args,
+        secrets,
+    };
+    let sandbox =
+        ferry::sandbox::NamespaceSandbox::new(std::env::current_exe().map_err(|e| {
+            CliError::invalid(miette::miette!("cannot find the ferry binary: {e}"))
+        })?);
+    let progress = Progress::new(printer, global);
+    let report = build_fleet(&manifest, &graph, &selected, &store, &sandbox, &options, &|e| {
+        progress.event(e)
+    })
+    .map_err(|e| CliError::invalid(miette::miette!("{e}")))?;
+    progress.finish();
+
+    if let Some((kind, path)) = &output {
+        let built: Vec<String> = report
+            .images
+            .iter()
+            .filter(|i| i.status == ImageStatus::Built)
+            .map(|i| i.name.clone())
+            .collect();
+        super::fleet::export(&store, &built, kind, path)
+            .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
+    }
+    if printer.json {
+        printer.json(&serde_json::to_value(&report).unwrap_or_default());
+    } else {
+        let mut text = String::new();
+        for img in &report.images {
+            match img.status {
+                ImageStatus::Built => {
+                    let cached = img
+                        .steps
+                        .iter()
+                        .filter(|s| s.status == ferry::build::executor::StepStatus::Cached)
+                        .count();
+                    let built = img
+                        .steps
+                        .iter()
+                        .filter(|s| s.status == ferry::build::executor::StepStatus::Built)
+                        .count();
+                    text.push_str(&format!(
+                        "{:<16} {}  {}  ({built} built, {cached} cached)\n",
+                        img.name,
+                        img.digest.as_deref().unwrap_or_default(),
+                        human_size(img.size)
+                    ));
+                }
+                ImageStatus::Failed | ImageStatus::Skipped => {
+                    text.push_str(&format!(
+                        "{:<16} {}\n",
+                        img.name,
+                        img.error.as_deref().unwrap_or("failed")
+                    ));
+                }
+            }
+        }
+        let failed = report.failed();
+        text.push_str(&format!(
+            "{} image{} built, {failed} failed, in {:.1}s ({} steps built, {} cached)\n",
+            report.images.len() - failed,
+            if report.images.len() - failed == 1 { "" } else { "s" },
+            report.seconds,
+            report.steps_built,
+            report.steps_cached
+        ));
+        printer.text(&text);
+    }
+    if report.failed() > 0 {
+        for img in report.images.iter().filter(|i| i.status == ImageStatus::Failed) {
+            eprintln!("error: image `{}`: {}", img.name, img.error.as_deref().unwrap_or_default());
+        }
+        return Ok(ExitStatus::Failure);
+    }
+    Ok(ExitStatus::Success)
+}
+
+fn parse_output(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once(':') {
+        Some((kind @ ("oci" | "docker"), path)) if !path.is_empty() => {
+            Ok((kind.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("--output `{s}`: expected oci:DIR or docker:FILE")),
+    }
+}
+
+/// `id=ID,src=FILE` or `id=ID,env=VAR` (docker's --secret syntax).
+fn load_secret(spec: &str) -> Result<(String, Vec<u8>), String> {
+    let mut id = None;
+    let mut src = None;
+    let mut env = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("src" | "source", v)) => src = Some(v.to_string()),
+            Some(("env", v)) => env = Some(v.to_string()),
+            _ => {
+                return Err(format!(
+                    "--secret: cannot read `{part}`; expected id=ID,src=FILE or id=ID,env=VAR"
+                ))
+            }
+        }
+    }
+    let id = id.ok_or("--secret needs id=")?;
+    let value = match (src, env) {
+        (Some(path), _) => std::fs::read(&path)
+            .map_err(|e| format!("--secret id={id}: cannot read the secret file: {e}"))?,
+        (None, Some(var)) => std::env::var(&var)
+            .map_err(|_| format!("--secret id={id}: environment variable {var} is not set"))?
+            .into_bytes(),
+        (None, None) => std::env::var(&id)
+            .map_err(|_| format!("--secret id={id}: give src=FILE or env=VAR"))?
+            .into_bytes(),
+    };
+    Ok((id, value))
+}
+
+/// SOURCE_DATE_EPOCH from the environment, else images.toml.
+fn source_date_epoch(manifest: &Manifest) -> Result<i64, String> {
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        return v
+            .trim()
+            .parse()
+            .map_err(|_| format!("SOURCE_DATE_EPOCH `{v}` is not a number of seconds"));
+    }
+    match manifest.project.source_date_epoch {
+        EpochSetting::Seconds(s) => Ok(s),
+        EpochSetting::Git => {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&manifest.root)
+                .args(["log", "-1", "--format=%ct"])
+                .output()
+                .map_err(|e| format!("source_date_epoch = \"git\": cannot run git: {e}"))?;
+            String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| {
+                "source_date_epoch = \"git\": the project has no commit to take the time from"
+                    .to_string()
+            })
+        }
+    }
+}
+
+pub fn human_size(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < units.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.1}{}", units[i])
+    }
+}
+
+/// Progress on stderr: a live line per image on a terminal, plain lines otherwise.
+struct Progress {
+    bars: Option<(indicatif::MultiProgress, Mutex<BTreeMap<String, indicatif::ProgressBar>>)>,
+    quiet: bool,
+    verbose: bool,
+}
+
+impl Progress {
+    fn new(printer: &Printer, global: &GlobalArgs) -> Progress {
+        let terminal = std::io::stderr().is_terminal() && !printer.json && !global.quiet;
+        Progress {
+            bars: terminal.then(|| (indicatif::MultiProgress::new(), Mutex::new(BTreeMap::new()))),
+            quiet: global.quiet,
+            verbose: global.verbose > 0,
+        }
+    }
+
+    fn event(&self, event: FleetEvent<'_>) {
+        if self.quiet {
+            return;
+        }
+        match (&self.bars, event) {
+            (Some((multi, bars)), FleetEvent::Started(image)) => {
+                let bar = multi.add(indicatif::ProgressBar::new_spinner());
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{spinner} {prefix:16} {wide_msg}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                bar.set_prefix(image.to_string());
+                bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                if let Ok(mut b) = bars.lock() {
+                    b.insert(image.to_string(), bar);
+                }
+            }
+            (Some((_, bars)), FleetEvent::Step { image, line, text, .. }) => {
+                if let Some(bar) = bars.lock().ok().and_then(|b| b.get(image).cloned()) {
+                    bar.set_message(format!("line {line}: {text}"));
+                }
+            }
+            (Some((_, bars)), FleetEvent::Finished { image, report }) => {
+                if let Some(bar) = bars.lock().ok().and_then(|b| b.get(image).cloned()) {
+                    bar.finish_with_message(match report.status {
+                        ImageStatus::Built => {
+                            format!("done {}", report.digest.as_deref().unwrap_or_default())
+                        }
+                        _ => "failed".to_string(),
+                    });
+                }
+            }
+            (Some(_), FleetEvent::Output { .. }) => {}
+            (None, FleetEvent::Started(image)) => eprintln!("[{image}] building"),
+            (None, FleetEvent::Step { image, line, text, .. }) => {
+                eprintln!("[{image}] line {line}: {text}")
+            }
+            (None, FleetEvent::Output { image, bytes }) => {
+                if self.verbose {
+                    for l in String::from_utf8_lossy(bytes).lines() {
+                        eprintln!("[{image}]   | {l}");
+                    }
+                }
+            }
+            (None, FleetEvent::Finished { image, report }) => match report.status {
+                ImageStatus::Built => {
+                    eprintln!("[{image}] done {}", report.digest.as_deref().unwrap_or_default())
+                }
+                _ => eprintln!("[{image}] failed"),
+            },
+        }
+    }
+
+    fn finish(&self) {
+        if let Some((multi, _)) = &self.bars {
+            let _ = multi.clear();
+        }
+    }
+}
