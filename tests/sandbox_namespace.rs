@@ -229,6 +229,7 @@ fn exit_codes_and_signals_propagate() {
         }
         other => panic!("expected an exec error, got {other:?}"),
     }
+    assert!(fixture.upper_tree().paths().is_empty(), "{:?}", fixture.upper_tree());
     fixture.assert_lower_unchanged();
 }
 
@@ -293,6 +294,10 @@ fn resolv_conf_hosts_and_mount_targets_leave_no_trace() {
         std::fs::create_dir(lower.join("etc")).unwrap();
         std::fs::write(lower.join("etc/os-release"), b"ID=test\n").unwrap();
         std::fs::create_dir(lower.join("var")).unwrap();
+        // Mount points the image has are used as they are.
+        for dir in ["dev", "proc", "sys"] {
+            std::fs::create_dir(lower.join(dir)).unwrap();
+        }
     });
     let host_files = fixture.dir.path().join("host-files");
     std::fs::create_dir(&host_files).unwrap();
