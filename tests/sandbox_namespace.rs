@@ -229,6 +229,7 @@ fn exit_codes_and_signals_propagate() {
         }
         other => panic!("expected an exec error, got {other:?}"),
     }
+    assert!(fixture.upper_tree().paths().is_empty(), "{:?}", fixture.upper_tree());
     fixture.assert_lower_unchanged();
 }
 
@@ -240,6 +241,7 @@ fn output_tail_keeps_the_last_lines() {
     assert_eq!(output.lines().count(), 100);
     let expected: Vec<String> = (81..=100).map(|n| n.to_string()).collect();
     assert_eq!(outcome.output_tail, expected);
+    fixture.assert_lower_unchanged();
 }
 
 #[test]
@@ -277,9 +279,13 @@ fn root_runs_with_dockers_capabilities_only() {
     let fixture = Fixture::new();
     let output = run_ok(
         &fixture,
-        &fixture
-            .spec("grep CapEff /proc/self/status; mount -t tmpfs none /mnt 2>&1 || echo no-mount"),
+        &fixture.spec(
+            "grep CapEff /proc/self/status; mount -t tmpfs none /mnt 2>/dev/null || echo no-mount; \
+             wc -c < /proc/timer_list; (echo h > /proc/sysrq-trigger) 2>/dev/null || echo sysrq-ro",
+        ),
     );
+    // /proc/timer_list (not empty on a host) is masked, /proc/sysrq-trigger read-only.
+    assert!(output.ends_with("no-mount\n0\nsysrq-ro\n"), "{output}");
     // Docker's default set: chown dac_override fowner fsetid kill setgid setuid setpcap
     // net_bind_service net_raw sys_chroot mknod audit_write setfcap.
     assert!(output.contains("CapEff:\t00000000a80425fb"), "{output}");
@@ -292,6 +298,10 @@ fn resolv_conf_hosts_and_mount_targets_leave_no_trace() {
         std::fs::create_dir(lower.join("etc")).unwrap();
         std::fs::write(lower.join("etc/os-release"), b"ID=test\n").unwrap();
         std::fs::create_dir(lower.join("var")).unwrap();
+        // Mount points the image has are used as they are.
+        for dir in ["dev", "proc", "sys"] {
+            std::fs::create_dir(lower.join(dir)).unwrap();
+        }
     });
     let host_files = fixture.dir.path().join("host-files");
     std::fs::create_dir(&host_files).unwrap();
@@ -552,8 +562,23 @@ fn rootless_runs_as_mapped_root_or_says_why_it_cannot() {
     assert!(OverlayXattrs::User.is_opaque_dir(&fixture.upper.join("srv")).unwrap());
     fixture.assert_lower_unchanged();
 
-    // Only the invoking user exists inside: another uid is a clear error.
+    // With the host's network, /sys cannot be mounted anew in a user namespace; the host's
+    // is bound read-only instead.
     let mut fixture = fixture;
+    fixture.next_layer("host-network");
+    for dir in [&fixture.upper, &fixture.work] {
+        chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let spec = fixture.spec(
+        "ls /sys/class/net | wc -l; (echo 1 > /sys/kernel/uevent_helper) 2>/dev/null || echo ro",
+    );
+    let (outcome, output) = run(&sandbox, &spec);
+    assert_eq!(outcome.status, ExitStatus::Code(0), "{output}");
+    let host_interfaces = std::fs::read_dir("/sys/class/net").unwrap().count();
+    assert_eq!(output, format!("{host_interfaces}\nro\n"));
+    assert!(fixture.upper_tree().paths().is_empty());
+
+    // Only the invoking user exists inside: another uid is a clear error.
     fixture.next_layer("other-user");
     for dir in [&fixture.upper, &fixture.work] {
         chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
@@ -562,4 +587,111 @@ fn rootless_runs_as_mapped_root_or_says_why_it_cannot() {
     spec.uid = 1000;
     let err = try_run(&sandbox, &spec).0.unwrap_err();
     assert!(err.to_string().contains("user 1000 does not exist in a rootless sandbox"), "{err}");
+}
+
+#[test]
+fn lower_dirs_stack_top_most_first_with_their_whiteouts() {
+    let mut fixture = Fixture::new();
+    let top = fixture.dir.path().join("top");
+    let bottom = fixture.dir.path().join("bottom");
+    std::fs::create_dir_all(top.join("etc")).unwrap();
+    std::fs::create_dir_all(bottom.join("etc")).unwrap();
+    std::fs::write(bottom.join("etc/conf"), b"bottom\n").unwrap();
+    std::fs::write(top.join("etc/conf"), b"top\n").unwrap();
+    std::fs::write(bottom.join("etc/removed"), b"gone\n").unwrap();
+    nix::sys::stat::mknod(
+        &top.join("etc/removed"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap();
+    let layers_before = (Tree::of(&top), Tree::of(&bottom));
+    fixture.next_layer("stacked");
+    let mut spec = fixture.spec("cat /etc/conf; test -e /etc/removed && echo visible; ls /etc");
+    spec.lower_dirs = vec![top.clone(), bottom.clone(), fixture.lower.clone()];
+    let output = run_ok(&fixture, &spec);
+    // resolv.conf and hosts are the sandbox's mount points, seen but not captured.
+    assert_eq!(output, "top\nconf\nhosts\nresolv.conf\n");
+    assert!(fixture.upper_tree().paths().is_empty());
+    assert_eq!((Tree::of(&top), Tree::of(&bottom)), layers_before);
+}
+
+#[test]
+fn many_layers_under_a_long_path_fit_in_one_mount() {
+    let mut fixture = Fixture::new();
+    // Absolute paths would need about 150 × 120 bytes, far more than the kernel's page.
+    let snapshots = fixture.dir.path().join(format!("store-{}/snapshots", "x".repeat(120)));
+    let mut lowers = Vec::new();
+    for i in 0..150 {
+        let layer = snapshots.join(format!("{i:03}"));
+        std::fs::create_dir_all(layer.join("layers")).unwrap();
+        std::fs::write(layer.join(format!("layers/{i:03}")), b"").unwrap();
+        lowers.push(layer);
+    }
+    // The image's own layer lives with the others, as in the store.
+    let busybox_layer = snapshots.join("bb");
+    std::fs::rename(&fixture.lower, &busybox_layer).unwrap();
+    fixture.lower = busybox_layer;
+    lowers.push(fixture.lower.clone());
+    let run_dir = snapshots.parent().unwrap().join("tmp");
+    std::fs::create_dir(&run_dir).unwrap();
+    fixture.upper = run_dir.join("upper");
+    fixture.work = run_dir.join("work");
+    std::fs::create_dir(&fixture.upper).unwrap();
+    std::fs::create_dir(&fixture.work).unwrap();
+    let mut spec = fixture.spec("ls /layers | wc -l");
+    spec.lower_dirs = lowers;
+    assert_eq!(run_ok(&fixture, &spec), "150\n");
+}
+
+#[test]
+fn an_image_symlink_cannot_point_a_mount_point_into_the_host() {
+    let host_dir = tempfile::tempdir().unwrap();
+    let escape = host_dir.path().join("stub-resolv.conf");
+    let fixture = Fixture::with_lower(|lower| {
+        std::fs::create_dir(lower.join("etc")).unwrap();
+        // As systemd-resolved images have it, but pointing at a host path.
+        std::os::unix::fs::symlink(&escape, lower.join("etc/resolv.conf")).unwrap();
+    });
+    let output = run_ok(&fixture, &fixture.spec("cat /etc/resolv.conf > /dev/null && echo ok"));
+    assert_eq!(output, "ok\n");
+    assert!(!escape.exists(), "the mount point was created on the host");
+    // The stub made at the link's in-image target is gone too.
+    assert!(fixture.upper_tree().paths().is_empty(), "{:?}", fixture.upper_tree());
+}
+
+#[test]
+fn the_host_never_sees_the_sandboxs_mounts() {
+    let fixture = Fixture::new();
+    let gate = fixture.dir.path().join("gate");
+    std::fs::create_dir(&gate).unwrap();
+    nix::unistd::mkfifo(&gate.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .unwrap();
+    // The command waits on a FIFO until the test has looked at the host's mount table.
+    let mut spec = fixture.spec("echo started; cat /gate/fifo");
+    spec.mounts = vec![RunMount::Cache { host_dir: gate.clone(), target: "/gate".into() }];
+    let fixture_dir = fixture.dir.path().to_string_lossy().into_owned();
+    let mut leaked: Option<Vec<String>> = None;
+    let mut output = Vec::new();
+    let outcome = sandbox()
+        .run(&spec, &mut |bytes| {
+            output.extend_from_slice(bytes);
+            if leaked.is_none() && output.starts_with(b"started\n") {
+                let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+                leaked = Some(
+                    mountinfo
+                        .lines()
+                        .filter(|l| l.contains(&fixture_dir) || l.contains("ferry-run-"))
+                        .map(str::to_string)
+                        .collect(),
+                );
+                std::fs::write(gate.join("fifo"), b"released\n").unwrap();
+            }
+        })
+        .unwrap();
+    assert_eq!(outcome.status, ExitStatus::Code(0));
+    assert_eq!(String::from_utf8_lossy(&output), "started\nreleased\n");
+    assert_eq!(leaked, Some(vec![]), "sandbox mounts visible on the host");
+    fixture.assert_lower_unchanged();
 }

@@ -95,7 +95,9 @@ impl Sandbox for FakeSandbox {
             apply(&spec.upper_dir, change, self.xattrs)
                 .map_err(|source| SandboxError::Fake { change: format!("{change:?}"), source })?;
         }
-        output(&run.output);
+        if !run.output.is_empty() {
+            output(&run.output);
+        }
         let mut tail = OutputTail::default();
         tail.push(&run.output);
         Ok(RunOutcome { status: run.status, output_tail: tail.finish(), xattrs: self.xattrs })

@@ -142,6 +142,8 @@ pub fn main() -> i32 {
 /// Moves the control socket off fd 0 (to a close-on-exec descriptor) and puts /dev/null
 /// there: a RUN command reads no input, as under docker.
 fn take_control_socket() -> nix::Result<File> {
+    // SAFETY: fd 0 is open for the duration of this call: ferry started us with the socket
+    // there.
     let socket = nix::fcntl::fcntl(
         unsafe { std::os::fd::BorrowedFd::borrow_raw(0) },
         nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3),
@@ -152,8 +154,26 @@ fn take_control_socket() -> nix::Result<File> {
         Mode::empty(),
     )?;
     unistd::dup2_stdin(&null)?;
+    drop(null);
+    // A descriptor some library of ferry leaked without close-on-exec would live as long as
+    // the sandbox (and keep, say, another step's output pipe from ending): close them all.
+    close_inherited_descriptors(socket);
     // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(socket) }))
+}
+
+fn close_inherited_descriptors(keep: i32) {
+    let open: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
+        Err(_) => return,
+    };
+    for fd in open {
+        if fd > 2 && fd != keep {
+            // SAFETY: nothing in this fresh process owns these descriptors (the directory
+            // listing's own one is already closed; closing it again only fails).
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 fn outer_init(control: &Control, request: &InitRequest) -> i32 {
@@ -457,8 +477,7 @@ fn target_kind_of(source: &Path) -> Result<TargetKind, StepError> {
     }
 }
 
-/// Mounts the overlay on `request.rootfs`. The lower dirs are passed relative to their common
-/// parent (the working directory during the mount) so that many layers fit in one page.
+/// Mounts the overlay on `request.rootfs`.
 fn mount_overlay(request: &InitRequest, rootless: bool) -> Result<(), StepError> {
     let spec = &request.spec;
     let lowers: Vec<&Path> = if spec.lower_dirs.is_empty() {
@@ -466,9 +485,43 @@ fn mount_overlay(request: &InitRequest, rootless: bool) -> Result<(), StepError>
     } else {
         spec.lower_dirs.iter().map(PathBuf::as_path).collect()
     };
-    let mut all: Vec<&Path> = lowers.clone();
-    all.push(&spec.upper_dir);
-    all.push(&spec.work_dir);
+    let (base, options) = overlay_options(&lowers, &spec.upper_dir, &spec.work_dir, rootless)
+        .map_err(|message| step_failed("mount the overlay", message))?;
+    unistd::chdir(&base).map_err(step_error(format!("enter {}", base.display())))?;
+    mount(
+        Some("overlay"),
+        &request.rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(|e| {
+        step_failed(
+            "mount the overlay",
+            format!(
+                "{} ({} lower dirs; options {options:?} in {})",
+                e.desc(),
+                lowers.len(),
+                base.display()
+            ),
+        )
+    })?;
+    unistd::chdir("/").map_err(step_error("leave the layer directory"))?;
+    Ok(())
+}
+
+/// The overlay's mount options, and the directory they are relative to. The layer dirs are
+/// given relative to their common parent (the working directory during the mount) so that
+/// many layers fit in the one page the kernel takes.
+fn overlay_options(
+    lowers: &[&Path],
+    upper: &Path,
+    work: &Path,
+    rootless: bool,
+) -> Result<(PathBuf, String), String> {
+    let mut all: Vec<&Path> = lowers.to_vec();
+    all.push(upper);
+    all.push(work);
     let base = common_parent(&all);
     let relative = |path: &Path| -> String {
         let rel = path.strip_prefix(&base).unwrap_or(path);
@@ -481,8 +534,8 @@ fn mount_overlay(request: &InitRequest, rootless: bool) -> Result<(), StepError>
     let mut options = format!(
         "lowerdir={},upperdir={},workdir={}",
         lowers.iter().map(|p| relative(p)).collect::<Vec<_>>().join(":"),
-        relative(&spec.upper_dir),
-        relative(&spec.work_dir),
+        relative(upper),
+        relative(work),
     );
     // The upper dir must stay a plain diff: no index, no redirect xattrs (a renamed lower
     // directory is copied instead; lower dirs are extracted layers and have none to follow,
@@ -492,32 +545,15 @@ fn mount_overlay(request: &InitRequest, rootless: bool) -> Result<(), StepError>
         options.push_str(",userxattr");
     }
     if options.len() > MOUNT_OPTIONS_LIMIT {
-        return Err(step_failed(
-            "mount the overlay",
-            format!(
-                "{} lower dirs need {} bytes of mount options, more than the kernel's {}",
-                lowers.len(),
-                options.len(),
-                MOUNT_OPTIONS_LIMIT
-            ),
+        return Err(format!(
+            "{} lower dirs need {} bytes of mount options, more than the kernel's {}; \
+             keep the layer directories under one short parent",
+            lowers.len(),
+            options.len(),
+            MOUNT_OPTIONS_LIMIT
         ));
     }
-    unistd::chdir(&base).map_err(step_error(format!("enter {}", base.display())))?;
-    mount(
-        Some("overlay"),
-        &request.rootfs,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .map_err(|e| {
-        step_failed(
-            "mount the overlay",
-            format!("{} (options {options:?} in {})", e.desc(), base.display()),
-        )
-    })?;
-    unistd::chdir("/").map_err(step_error("leave the layer directory"))?;
-    Ok(())
+    Ok((base, options))
 }
 
 /// The longest common ancestor of absolute paths.
@@ -855,6 +891,33 @@ mod tests {
         ];
         assert_eq!(common_parent(&paths), PathBuf::from("/store"));
         assert_eq!(common_parent(&[Path::new("/a/b"), Path::new("/c")]), PathBuf::from("/"));
+    }
+
+    #[test]
+    fn overlay_options_are_relative_to_the_common_parent() {
+        let lowers = [Path::new("/s/snapshots/aa"), Path::new("/s/snapshots/bb")];
+        let (base, options) =
+            overlay_options(&lowers, Path::new("/s/tmp/u"), Path::new("/s/tmp/w"), false).unwrap();
+        assert_eq!(base, PathBuf::from("/s"));
+        assert_eq!(
+            options,
+            "lowerdir=snapshots/aa:snapshots/bb,upperdir=tmp/u,workdir=tmp/w,\
+             index=off,redirect_dir=nofollow,metacopy=off"
+        );
+        let (_, options) =
+            overlay_options(&lowers, Path::new("/s/tmp/u"), Path::new("/s/tmp/w"), true).unwrap();
+        assert!(options.ends_with(",userxattr"), "{options}");
+    }
+
+    #[test]
+    fn too_many_layers_for_one_page_is_a_clear_error() {
+        let names: Vec<PathBuf> =
+            (0..300).map(|i| PathBuf::from(format!("/s/snapshots/{i:016}"))).collect();
+        let lowers: Vec<&Path> = names.iter().map(PathBuf::as_path).collect();
+        let err =
+            overlay_options(&lowers, Path::new("/s/u"), Path::new("/s/w"), false).unwrap_err();
+        assert!(err.starts_with("300 lower dirs need"), "{err}");
+        assert!(err.contains("more than the kernel's 4095"), "{err}");
     }
 
     #[test]

@@ -13,9 +13,15 @@ use super::stubs::SetupResidue;
 use super::{OverlayXattrs, RunOutcome, RunSpec, Sandbox, SandboxError, INIT_ARG};
 
 /// Runs each RUN step in fresh mount, PID, UTS and IPC namespaces (and a network namespace for
-/// `--network=none`), on an overlay of the image's layers. When ferry is not root, the steps
-/// run in a user namespace where the invoking user is root; the upper dir then uses `user.`
-/// overlay xattrs, and only uid/gid 0 exist inside.
+/// `--network=none`), on an overlay of the image's layers.
+///
+/// As root, the command runs with docker's default capabilities and /proc masks. When ferry
+/// is not root (or [`rootless_as`](Self::rootless_as) is used), the steps run in a user
+/// namespace where the invoking user is root: the upper dir then carries `user.` overlay
+/// xattrs ([`RunOutcome::xattrs`]), only the ids 0:0 exist inside (another `uid`/`gid` is a
+/// [`SandboxError::Setup`]), supplementary groups cannot be set (the kernel forbids
+/// setgroups there) and are left as they are, and lower files owned by other host users
+/// appear as `nobody`.
 #[derive(Debug, Clone)]
 pub struct NamespaceSandbox {
     init_exe: PathBuf,
