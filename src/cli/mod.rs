@@ -10,6 +10,18 @@ use clap::{Args, Parser, Subcommand};
 mod graph;
 mod output;
 mod plan;
+// Image management and registry commands (store/registry).
+mod cache;
+mod history;
+mod images;
+mod inspect;
+mod load;
+mod login;
+mod prune;
+mod pull;
+mod rmi;
+mod save;
+mod tag;
 
 pub use output::Printer;
 
@@ -96,6 +108,28 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Show the image graph.
     Graph(graph::GraphArgs),
+    /// Fetch an image from a registry into the store.
+    Pull(pull::PullArgs),
+    /// List local images.
+    Images(images::ImagesArgs),
+    /// Show an image's digest, config, layers and sizes as JSON.
+    Inspect(inspect::InspectArgs),
+    /// Show an image's build steps.
+    History(history::HistoryArgs),
+    /// Give a local image another name.
+    Tag(tag::TagArgs),
+    /// Untag images; delete an image when its last name goes.
+    Rmi(rmi::RmiArgs),
+    /// Remove images and blobs nothing names.
+    Prune(prune::PruneArgs),
+    /// Write images to a docker (or OCI) archive.
+    Save(save::SaveArgs),
+    /// Read images from a docker or OCI archive.
+    Load(load::LoadArgs),
+    /// Store credentials for a registry in docker's config.json.
+    Login(login::LoginArgs),
+    /// Inspect and maintain the store.
+    Cache(cache::CacheArgs),
 }
 
 /// Parse arguments, run the command, print errors, return the process exit code.
@@ -132,6 +166,17 @@ fn run(cli: Cli, printer: &Printer) -> CliResult {
     match cli.command {
         Command::Plan(args) => plan::run(&cli.global, args, printer),
         Command::Graph(args) => graph::run(&cli.global, args, printer),
+        Command::Pull(args) => pull::run(&cli.global, args, printer),
+        Command::Images(args) => images::run(&cli.global, args, printer),
+        Command::Inspect(args) => inspect::run(&cli.global, args, printer),
+        Command::History(args) => history::run(&cli.global, args, printer),
+        Command::Tag(args) => tag::run(&cli.global, args, printer),
+        Command::Rmi(args) => rmi::run(&cli.global, args, printer),
+        Command::Prune(args) => prune::run(&cli.global, args, printer),
+        Command::Save(args) => save::run(&cli.global, args, printer),
+        Command::Load(args) => load::run(&cli.global, args, printer),
+        Command::Login(args) => login::run(&cli.global, args, printer),
+        Command::Cache(args) => cache::run(&cli.global, args, printer),
     }
 }
 
