@@ -570,6 +570,8 @@ pub enum Action {
     Forward,
     /// Answer with this status (and headers) without asking the registry.
     Respond(u16, Vec<(String, String)>),
+    /// Answer 200 with this body (and headers) instead of the registry's.
+    Body(Vec<u8>, Vec<(String, String)>),
     /// Forward, but after this many body bytes of the response, signal the test and hang
     /// until the proxy is dropped.
     Stall(usize),
@@ -704,6 +706,20 @@ fn serve(
                 }
                 resp.push_str("\r\n");
                 client.write_all(resp.as_bytes())?;
+                return Ok(());
+            }
+            Action::Body(bytes, extra) => {
+                seen.lock().unwrap().push(SeenRequest { method, path, status: 200 });
+                let mut resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    bytes.len()
+                );
+                for (k, v) in extra {
+                    resp.push_str(&format!("{k}: {v}\r\n"));
+                }
+                resp.push_str("\r\n");
+                client.write_all(resp.as_bytes())?;
+                client.write_all(&bytes)?;
                 return Ok(());
             }
             action => {
