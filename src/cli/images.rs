@@ -193,6 +193,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::super::Cli::command().debug_assert();
+    }
+
+    #[test]
     fn sizes_like_docker() {
         assert_eq!(human_size(0), "0B");
         assert_eq!(human_size(999), "999B");

@@ -11,7 +11,8 @@ pub struct RmiArgs {
     #[arg(required = true)]
     pub references: Vec<String>,
     /// Also delete an image other images are built on, or every name of an image id.
-    #[arg(short, long)]
+    /// (Long form only: `-f` is the global manifest flag.)
+    #[arg(long)]
     pub force: bool,
 }
 

@@ -656,121 +656,119 @@ fn serve(
     stalled: &mpsc::Sender<String>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
+    // One request per connection: every answer closes it.
+    // A TLS ClientHello (ferry probing HTTPS on a loopback host): not HTTP, hang up.
+    let first = reader.fill_buf()?;
+    if first.is_empty() || first[0] == 0x16 {
+        return Ok(());
+    }
+    let mut head = String::new();
     loop {
-        // A TLS ClientHello (ferry probing HTTPS on a loopback host): not HTTP, hang up.
-        let first = reader.fill_buf()?;
-        if first.is_empty() || first[0] == 0x16 {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        let mut head = String::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            head.push_str(&line);
-            if line == "\r\n" {
-                break;
-            }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
         }
-        let mut lines = head.lines();
-        let request_line = lines.next().unwrap_or_default().to_string();
-        let mut parts = request_line.split(' ');
-        let method = parts.next().unwrap_or_default().to_string();
-        let path = parts.next().unwrap_or_default().to_string();
-        let mut content_length = 0usize;
-        let mut headers = Vec::new();
-        for l in lines {
-            if let Some((k, v)) = l.split_once(':') {
-                let k = k.trim().to_string();
-                if k.eq_ignore_ascii_case("content-length") {
-                    content_length = v.trim().parse().unwrap_or(0);
-                }
-                if k.eq_ignore_ascii_case("connection") {
-                    continue;
-                }
-                headers.push((k, v.trim().to_string()));
+    }
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or_default().to_string();
+    let path = parts.next().unwrap_or_default().to_string();
+    let mut content_length = 0usize;
+    let mut headers = Vec::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let k = k.trim().to_string();
+            if k.eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
             }
+            if k.eq_ignore_ascii_case("connection") {
+                continue;
+            }
+            headers.push((k, v.trim().to_string()));
         }
-        let mut body = vec![0u8; content_length];
-        reader.read_exact(&mut body)?;
-        let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-        match rule(&method, &path, n) {
-            Action::Respond(status, extra) => {
-                seen.lock().unwrap().push(SeenRequest { method, path, status });
-                let mut resp = format!(
-                    "HTTP/1.1 {status} Injected\r\nContent-Length: 0\r\nConnection: close\r\n"
-                );
-                for (k, v) in extra {
-                    resp.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+    match rule(&method, &path, n) {
+        Action::Respond(status, extra) => {
+            seen.lock().unwrap().push(SeenRequest { method, path, status });
+            let mut resp =
+                format!("HTTP/1.1 {status} Injected\r\nContent-Length: 0\r\nConnection: close\r\n");
+            for (k, v) in extra {
+                resp.push_str(&format!("{k}: {v}\r\n"));
+            }
+            resp.push_str("\r\n");
+            client.write_all(resp.as_bytes())?;
+            Ok(())
+        }
+        Action::Body(bytes, extra) => {
+            seen.lock().unwrap().push(SeenRequest { method, path, status: 200 });
+            let mut resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n",
+                bytes.len()
+            );
+            for (k, v) in extra {
+                resp.push_str(&format!("{k}: {v}\r\n"));
+            }
+            resp.push_str("\r\n");
+            client.write_all(resp.as_bytes())?;
+            client.write_all(&bytes)?;
+            Ok(())
+        }
+        action => {
+            let mut up = TcpStream::connect(upstream)?;
+            let mut req = format!("{request_line}\r\n");
+            for (k, v) in &headers {
+                req.push_str(&format!("{k}: {v}\r\n"));
+            }
+            req.push_str("Connection: close\r\n\r\n");
+            up.write_all(req.as_bytes())?;
+            up.write_all(&body)?;
+            let mut up_reader = BufReader::new(up);
+            let mut resp_head = String::new();
+            loop {
+                let mut line = String::new();
+                if up_reader.read_line(&mut line)? == 0 {
+                    break;
                 }
-                resp.push_str("\r\n");
-                client.write_all(resp.as_bytes())?;
+                resp_head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let status = resp_head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            seen.lock().unwrap().push(SeenRequest {
+                method: method.clone(),
+                path: path.clone(),
+                status,
+            });
+            client.write_all(resp_head.as_bytes())?;
+            if method == "HEAD" {
                 return Ok(());
             }
-            Action::Body(bytes, extra) => {
-                seen.lock().unwrap().push(SeenRequest { method, path, status: 200 });
-                let mut resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n",
-                    bytes.len()
-                );
-                for (k, v) in extra {
-                    resp.push_str(&format!("{k}: {v}\r\n"));
-                }
-                resp.push_str("\r\n");
-                client.write_all(resp.as_bytes())?;
-                client.write_all(&bytes)?;
-                return Ok(());
-            }
-            action => {
-                let mut up = TcpStream::connect(upstream)?;
-                let mut req = format!("{request_line}\r\n");
-                for (k, v) in &headers {
-                    req.push_str(&format!("{k}: {v}\r\n"));
-                }
-                req.push_str("Connection: close\r\n\r\n");
-                up.write_all(req.as_bytes())?;
-                up.write_all(&body)?;
-                let mut up_reader = BufReader::new(up);
-                let mut resp_head = String::new();
-                loop {
-                    let mut line = String::new();
-                    if up_reader.read_line(&mut line)? == 0 {
-                        break;
+            match action {
+                Action::Stall(after) => {
+                    let mut part = vec![0u8; after];
+                    up_reader.read_exact(&mut part)?;
+                    client.write_all(&part)?;
+                    client.flush()?;
+                    let _ = stalled.send(path.clone());
+                    let (m, c) = release;
+                    let mut released = m.lock().unwrap();
+                    while !*released {
+                        released = c.wait(released).unwrap();
                     }
-                    resp_head.push_str(&line);
-                    if line == "\r\n" {
-                        break;
-                    }
+                    Ok(())
                 }
-                let status = resp_head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-                seen.lock().unwrap().push(SeenRequest {
-                    method: method.clone(),
-                    path: path.clone(),
-                    status,
-                });
-                client.write_all(resp_head.as_bytes())?;
-                if method == "HEAD" {
-                    return Ok(());
-                }
-                match action {
-                    Action::Stall(after) => {
-                        let mut part = vec![0u8; after];
-                        up_reader.read_exact(&mut part)?;
-                        client.write_all(&part)?;
-                        client.flush()?;
-                        let _ = stalled.send(path.clone());
-                        let (m, c) = release;
-                        let mut released = m.lock().unwrap();
-                        while !*released {
-                            released = c.wait(released).unwrap();
-                        }
-                        return Ok(());
-                    }
-                    _ => {
-                        std::io::copy(&mut up_reader, &mut client)?;
-                        return Ok(());
-                    }
+                _ => {
+                    std::io::copy(&mut up_reader, &mut client)?;
+                    Ok(())
                 }
             }
         }
