@@ -585,7 +585,23 @@ pub struct SeenRequest {
     pub status: u16,
 }
 
-type Rule = dyn Fn(&str, &str, usize) -> Action + Send + Sync;
+/// A request as a rule sees it.
+pub struct RequestInfo {
+    pub method: String,
+    pub path: String,
+    /// 1-based number of the request.
+    pub n: usize,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestInfo {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+type Rule = dyn Fn(&RequestInfo) -> Action + Send + Sync;
 
 /// An HTTP/1.1 proxy on a free loopback port in front of `upstream`, deciding per request
 /// (method, path, 1-based request number) what to do.
@@ -602,7 +618,20 @@ impl FaultProxy {
         upstream: &str,
         rule: impl Fn(&str, &str, usize) -> Action + Send + Sync + 'static,
     ) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        FaultProxy::start_with(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            upstream,
+            move |r: &RequestInfo| rule(&r.method, &r.path, r.n),
+        )
+    }
+
+    /// Like `start`, on a listener the caller bound (to know the address first), with a
+    /// rule that sees headers.
+    pub fn start_with(
+        listener: TcpListener,
+        upstream: &str,
+        rule: impl Fn(&RequestInfo) -> Action + Send + Sync + 'static,
+    ) -> FaultProxy {
         let host = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::new(AtomicUsize::new(0));
@@ -695,7 +724,13 @@ fn serve(
     let mut body = vec![0u8; content_length];
     reader.read_exact(&mut body)?;
     let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-    match rule(&method, &path, n) {
+    let info = RequestInfo {
+        method: method.clone(),
+        path: path.clone(),
+        n,
+        headers: headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
+    };
+    match rule(&info) {
         Action::Respond(status, extra) => {
             seen.lock().unwrap().push(SeenRequest { method, path, status });
             let mut resp =
