@@ -29,9 +29,19 @@ use crate::reference::{Repository, DEFAULT_REGISTRY, DOCKER_HUB_API_HOST};
 
 /// Manifests are small; refuse to buffer anything larger.
 const MANIFEST_MAX: u64 = 16 * 1024 * 1024;
-/// Blobs up to this size are uploaded with one PUT; larger ones in PATCH chunks.
-const MONOLITHIC_MAX: u64 = 32 * 1024 * 1024;
-const CHUNK_SIZE: u64 = 16 * 1024 * 1024;
+
+/// How blobs are uploaded: one PUT up to `monolithic_max` bytes, else PATCH chunks.
+#[derive(Debug, Clone)]
+pub struct UploadPolicy {
+    pub monolithic_max: u64,
+    pub chunk_size: u64,
+}
+
+impl Default for UploadPolicy {
+    fn default() -> UploadPolicy {
+        UploadPolicy { monolithic_max: 32 * 1024 * 1024, chunk_size: 16 * 1024 * 1024 }
+    }
+}
 
 /// How often and how patiently to retry.
 #[derive(Debug, Clone)]
@@ -89,6 +99,7 @@ pub struct RegistryClient {
     auth: Mutex<HashMap<String, HostAuth>>,
     tokens: Mutex<HashMap<String, (Secret, Instant)>>,
     retry: RetryPolicy,
+    upload: UploadPolicy,
 }
 
 impl RegistryClient {
@@ -104,7 +115,13 @@ impl RegistryClient {
             auth: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             retry: RetryPolicy::default(),
+            upload: UploadPolicy::default(),
         }
+    }
+
+    pub fn with_upload_policy(mut self, upload: UploadPolicy) -> RegistryClient {
+        self.upload = upload;
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> RegistryClient {
@@ -699,8 +716,8 @@ impl RegistryClient {
             f.seek(SeekFrom::Start(offset))?;
             Ok(Body::sized(f.take(len), len))
         };
-        if size > MONOLITHIC_MAX {
-            let chunk = CHUNK_SIZE.max(min_chunk);
+        if size > self.upload.monolithic_max {
+            let chunk = self.upload.chunk_size.max(min_chunk).max(1);
             let mut offset = 0;
             while offset < size {
                 let len = chunk.min(size - offset);
@@ -784,7 +801,7 @@ impl Registry for RegistryClient {
             }
             let digest = header_str(resp.headers(), "docker-content-digest")
                 .and_then(|d| d.parse::<Digest>().ok());
-            let size = resp.content_length();
+            let size = header_len(resp.headers());
             match (digest, size) {
                 (Some(d), Some(s)) => {
                     let mt = header_str(resp.headers(), CONTENT_TYPE.as_str()).unwrap_or_default();
@@ -829,7 +846,7 @@ impl Registry for RegistryClient {
             true,
         )?;
         match resp.status() {
-            s if s.is_success() => Ok(Some(resp.content_length().unwrap_or(0))),
+            s if s.is_success() => Ok(Some(header_len(resp.headers()).unwrap_or(0))),
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(self.failure(&ep, format!("blob {digest}"), resp)),
         }
@@ -1057,6 +1074,11 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
 
 fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string())
+}
+
+/// Content-Length as sent (a HEAD response has no body, so reqwest reports 0 for it).
+fn header_len(h: &HeaderMap) -> Option<u64> {
+    header_str(h, CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok())
 }
 
 fn header_value(s: &str) -> Result<HeaderValue> {

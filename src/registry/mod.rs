@@ -18,7 +18,7 @@ use crate::reference::Repository;
 use crate::store::StoreError;
 
 pub use auth::{parse_challenges, pull_scope, push_scope, Challenge};
-pub use client::{RegistryClient, RetryPolicy};
+pub use client::{RegistryClient, RetryPolicy, UploadPolicy};
 pub use config::{RegistryConfig, RegistryHostConfig};
 pub use credentials::{auth_key, Credential, DockerConfigFile, Secret, StoredIn};
 pub use pull::{pull, PullOptions, PullReport};
