@@ -3,7 +3,10 @@
 
 mod fixture;
 
-use fixture::{build_json, ferry, layer_listings, project, skopeo_config, stat, store_contains, umoci_unpack, BUSYBOX_BASE};
+use fixture::{
+    build_json, ferry, layer_listings, project, skopeo_config, stat, store_contains, umoci_unpack,
+    BUSYBOX_BASE,
+};
 
 const MANIFEST: &str = "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.child]\ncontext = \"child\"\n";
 
@@ -25,14 +28,23 @@ fn deleting_a_lower_file_is_a_whiteout_and_replacing_a_directory_is_opaque() {
     build_json(dir.path(), store.path(), &[]);
     let layers = layer_listings(store.path(), "child");
     let whiteout_layer = &layers[layers.len() - 2];
-    assert!(whiteout_layer.iter().any(|n| n.trim_end_matches('/') == "etc/.wh.gone"), "{whiteout_layer:?}");
+    assert!(
+        whiteout_layer.iter().any(|n| n.trim_end_matches('/') == "etc/.wh.gone"),
+        "{whiteout_layer:?}"
+    );
     let opaque_layer = &layers[layers.len() - 1];
     assert!(opaque_layer.iter().any(|n| n == "data/.wh..wh..opq"), "{opaque_layer:?}");
     assert!(opaque_layer.iter().any(|n| n == "data/n"), "{opaque_layer:?}");
     // Nothing of the sandbox's own set-up is captured.
     for l in &layers[layers.len() - 2..] {
         for n in l {
-            assert!(!n.starts_with("proc") && !n.starts_with("dev") && !n.contains("resolv.conf") && !n.starts_with("sys"), "{n} in {l:?}");
+            assert!(
+                !n.starts_with("proc")
+                    && !n.starts_with("dev")
+                    && !n.contains("resolv.conf")
+                    && !n.starts_with("sys"),
+                "{n} in {l:?}"
+            );
         }
     }
     let work = tempfile::tempdir().unwrap();
@@ -49,12 +61,20 @@ fn a_failed_run_names_image_stage_line_and_exit_code_and_leaves_no_layer_or_ref(
     let out = ferry(dir.path()).arg("--store").arg(store.path()).arg("build").output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("child/Dockerfile:2: RUN failed with exit code 3 (image `child`, stage build)"), "{err}");
+    assert!(
+        err.contains(
+            "child/Dockerfile:2: RUN failed with exit code 3 (image `child`, stage build)"
+        ),
+        "{err}"
+    );
     assert!(err.contains("about to fail"), "the output tail is shown: {err}");
     let index = std::fs::read_to_string(store.path().join("index.json")).unwrap();
     assert!(index.contains("\"bb\""), "the parent is built and named");
     assert!(!index.contains("\"child\""), "no ref for the failed image: {index}");
-    assert!(store_contains(store.path(), b"marker-of-failure").is_empty(), "no layer holds the failed step's files");
+    assert!(
+        store_contains(store.path(), b"marker-of-failure").is_empty(),
+        "no layer holds the failed step's files"
+    );
 }
 
 #[test]
@@ -67,10 +87,18 @@ fn keep_going_builds_what_does_not_depend_on_the_failure() {
         ("good/Dockerfile", "FROM bb\nRUN echo ok > /ok\n"),
     ]);
     let store = tempfile::tempdir().unwrap();
-    let out = ferry(dir.path()).arg("--store").arg(store.path()).args(["build", "--keep-going", "--json"]).output().unwrap();
+    let out = ferry(dir.path())
+        .arg("--store")
+        .arg(store.path())
+        .args(["build", "--keep-going", "--json"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let status = |n: &str| report["images"].as_array().unwrap().iter().find(|i| i["name"] == n).unwrap()["status"].clone();
+    let status = |n: &str| {
+        report["images"].as_array().unwrap().iter().find(|i| i["name"] == n).unwrap()["status"]
+            .clone()
+    };
     assert_eq!(status("bb"), "built");
     assert_eq!(status("good"), "built");
     assert_eq!(status("bad"), "failed");
@@ -118,12 +146,24 @@ fn cache_mounts_persist_and_secrets_never_land_anywhere() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let work = tempfile::tempdir().unwrap();
     let rootfs = umoci_unpack(store.path(), "child", work.path());
-    assert_eq!(std::fs::read_to_string(rootfs.join("log-copy")).unwrap(), "run-1\nrun-2\n", "the cache mount persisted");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("log-copy")).unwrap(),
+        "run-1\nrun-2\n",
+        "the cache mount persisted"
+    );
     assert!(!rootfs.join("cache/log").exists(), "cache content is not in the image");
-    assert_eq!(std::fs::read_to_string(rootfs.join("secret-len")).unwrap().trim(), secret_value.len().to_string(), "the secret was readable");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("secret-len")).unwrap().trim(),
+        secret_value.len().to_string(),
+        "the secret was readable"
+    );
     assert!(!rootfs.join("run/secrets/tok").exists());
-    assert!(store_contains(store.path(), secret_value.as_bytes()).is_empty(), "no blob holds the secret");
-    let everything = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        store_contains(store.path(), secret_value.as_bytes()).is_empty(),
+        "no blob holds the secret"
+    );
+    let everything =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!everything.contains(secret_value), "the secret is in the output");
     let mut cache_files = String::new();
     for e in walk(&store.path().join("cache")) {
@@ -157,16 +197,22 @@ fn heredocs_onbuild_and_shell() {
     let work = tempfile::tempdir().unwrap();
     let parent = umoci_unpack(store.path(), "parent", work.path());
     assert_eq!(std::fs::read_to_string(parent.join("heredoc")).unwrap(), "one\ntwo\n");
-    assert_eq!(std::fs::read_to_string(parent.join("etc/notes.txt")).unwrap(), "first line\nEOF-not-the-end\n");
+    assert_eq!(
+        std::fs::read_to_string(parent.join("etc/notes.txt")).unwrap(),
+        "first line\nEOF-not-the-end\n"
+    );
     let shell = std::fs::read_to_string(parent.join("via-shell")).unwrap();
     assert!(shell.starts_with("/bin/sh ") && shell.contains('e'), "SHELL applies to RUN: {shell}");
     assert!(!parent.join("onbuild").exists(), "a trigger does not run in its own image");
-    let cfg = skopeo_config(store.path(), "parent");
+    let cfg = fixture::raw_config(store.path(), "parent");
     assert_eq!(cfg["config"]["OnBuild"], serde_json::json!(["RUN echo triggered > /onbuild"]));
     let work = tempfile::tempdir().unwrap();
     let child = umoci_unpack(store.path(), "child", work.path());
     assert_eq!(std::fs::read_to_string(child.join("onbuild")).unwrap(), "triggered\n");
-    assert!(skopeo_config(store.path(), "child")["config"]["OnBuild"].is_null(), "triggers are not inherited");
+    assert!(
+        fixture::raw_config(store.path(), "child")["config"]["OnBuild"].is_null(),
+        "triggers are not inherited"
+    );
 }
 
 #[test]
@@ -175,7 +221,11 @@ fn more_than_127_layers_is_a_clear_error() {
     for i in 0..130 {
         df.push_str(&format!("COPY f /f{i}\n"));
     }
-    let dir = project(&[("images.toml", "[project]\nname = \"t\"\n\n[images.deep]\ncontext = \"deep\"\n"), ("deep/Dockerfile", &df), ("deep/f", "x")]);
+    let dir = project(&[
+        ("images.toml", "[project]\nname = \"t\"\n\n[images.deep]\ncontext = \"deep\"\n"),
+        ("deep/Dockerfile", &df),
+        ("deep/f", "x"),
+    ]);
     let store = tempfile::tempdir().unwrap();
     let out = ferry(dir.path()).arg("--store").arg(store.path()).arg("build").output().unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -717,18 +717,22 @@ impl Executor<'_> {
             Command::Exec(v) => v.clone(),
             Command::Shell(s) => {
                 let mut argv = shell.clone();
-                // `RUN <<EOF` alone runs the here-document as the script; otherwise the shell
-                // gets the whole text and handles the here-documents itself.
-                let trimmed = s.trim();
-                if heredocs.len() == 1 && trimmed.starts_with("<<") && !trimmed.contains(' ') {
-                    argv.push(heredocs[0].body.clone());
-                } else if heredocs.is_empty() {
-                    argv.push(s.clone());
-                } else {
-                    let full = df.file.text[ins.span.clone()].to_string();
-                    let body =
-                        full.split_once(char::is_whitespace).map(|(_, b)| b).unwrap_or_default();
-                    argv.push(strip_run_flags(body));
+                // `RUN <<EOF` alone runs the here-document as the script; `RUN <<EOF cmd`
+                // feeds it to `cmd` on stdin, through the shell's own here-document.
+                match heredocs {
+                    [] => argv.push(s.clone()),
+                    [doc] if s.trim().is_empty() => argv.push(doc.body.clone()),
+                    [doc] => {
+                        let delim = "FERRY_HEREDOC_EOF";
+                        let quoted =
+                            if doc.expand { delim.to_string() } else { format!("'{delim}'") };
+                        argv.push(format!("{} <<{quoted}\n{}{delim}\n", s.trim(), doc.body));
+                    }
+                    _ => {
+                        return Err(err(
+                            "RUN with several here-documents is not supported yet".into()
+                        ))
+                    }
                 }
                 argv
             }
@@ -1092,15 +1096,6 @@ fn parse_trigger(text: &str, df: &Dockerfile) -> Result<Instruction, String> {
     ins.line = df.stages.first().map_or(1, |s| s.from.line);
     ins.span = 0..0;
     Ok(ins)
-}
-
-/// A RUN's text without its `--flag` words, for the shell to run with its here-documents.
-fn strip_run_flags(body: &str) -> String {
-    let mut rest = body.trim_start();
-    while rest.starts_with("--") {
-        rest = rest.split_once(char::is_whitespace).map_or("", |(_, r)| r).trim_start();
-    }
-    rest.to_string()
 }
 
 fn strip_root(path: &str) -> String {
