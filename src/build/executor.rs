@@ -238,13 +238,22 @@ impl Executor<'_> {
 
     fn state_of_external(&self, image: &Image, reference: &str) -> Result<StageState, BuildError> {
         let err = |message: String| BuildError::Image { image: image.name.clone(), message };
-        let resolved = self
-            .store
-            .resolve(reference)
-            .map_err(|e| err(format!("base image `{reference}` is not in the store ({e}); pull it first with `ferry pull {reference}`")))?;
+        let descriptor = match self.options.bases.get(reference) {
+            Some(d) => d.clone(),
+            None => {
+                self.store
+                    .resolve(reference)
+                    .map_err(|e| {
+                        err(format!(
+                            "base image `{reference}` is not in the store ({e}); pull it first with `ferry pull {reference}`"
+                        ))
+                    })?
+                    .descriptor
+            }
+        };
         let img = self
             .store
-            .image_for_platform(&resolved.descriptor, &crate::oci::Platform::host())
+            .image_for_platform(&descriptor, &crate::oci::Platform::host())
             .map_err(|e| err(format!("base image `{reference}`: {e}")))?;
         Ok(StageState {
             config: img.config.config.clone().unwrap_or_default(),

@@ -52,8 +52,13 @@ pub fn run(global: &GlobalArgs, args: PullArgs, printer: &Printer) -> CliResult 
 
 /// Registry settings for commands run outside a project: docker-style certs directories.
 /// (Inside a project the manifest's `[registries]` add to these.)
-pub(super) fn registry_config(_global: &GlobalArgs) -> RegistryConfig {
-    RegistryConfig::from_environment()
+/// Registry settings: images.toml's `[registries]` when the project has one, over the
+/// environment's.
+pub(super) fn registry_config(global: &GlobalArgs) -> RegistryConfig {
+    match ferry::manifest::Manifest::load(&global.file) {
+        Ok(manifest) => RegistryConfig::for_manifest(&manifest),
+        Err(_) => RegistryConfig::from_environment(),
+    }
 }
 
 /// Registry failures are the environment's: exit 2; a local disk failure is exit 1.

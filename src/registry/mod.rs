@@ -7,6 +7,7 @@ mod auth;
 mod client;
 mod config;
 mod credentials;
+mod from_manifest;
 mod pull;
 
 use std::io::Read;
