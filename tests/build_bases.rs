@@ -1,7 +1,6 @@
 //! External bases: pulled from a real registry (directly and through a mirror) before the
 //! build and pinned by digest.
 
-#[allow(dead_code)]
 mod common;
 mod fixture;
 
