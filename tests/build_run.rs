@@ -236,3 +236,28 @@ fn more_than_127_layers_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("deep/Dockerfile:129:") && err.contains("the limit is 127"), "{err}");
 }
+
+#[test]
+fn independent_stages_run_concurrently() {
+    // Each stage waits for the other's marker in a shared cache mount: built one after the
+    // other, the first would give up and fail.
+    let wait = |me: &str, other: &str| {
+        format!(
+            "RUN --mount=type=cache,target=/sync,id=sync touch /sync/{me} && i=0; while [ ! -f /sync/{other} ]; do i=$((i+1)); [ $i -gt 100 ] && exit 7; sleep 0.1; done; echo {me} > /{me}\n"
+        )
+    };
+    let child = format!(
+        "FROM bb AS a\n{}\nFROM bb AS b\n{}\nFROM bb\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n",
+        wait("a", "b"),
+        wait("b", "a")
+    );
+    let dir = two_level("", &child);
+    let store = tempfile::tempdir().unwrap();
+    let report = build_json(dir.path(), store.path(), &["--jobs", "2"]);
+    let child = report["images"].as_array().unwrap().iter().find(|i| i["name"] == "child").unwrap();
+    assert_eq!(child["status"], "built");
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("a")).unwrap(), "a\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
+}

@@ -12,6 +12,7 @@ use super::cache::{CacheIndex, CachedLayer};
 use super::config::{self, StageFlags};
 use super::key::CacheKey;
 use super::rootfs;
+use super::scheduler::{self, Job, Outcome};
 use super::BuildOptions;
 use crate::context::{map_to_destination, CopyItem, CopyKind, SourceTree, StatCache};
 use crate::digest::Digest;
@@ -154,55 +155,111 @@ impl Executor<'_> {
         let global = crate::graph::global_arg_values(df, &build_args).map_err(|e| {
             BuildError::Step { file: df.file.name.clone(), line: 1, message: e.to_string() }
         })?;
-        let mut stages: BTreeMap<usize, StageState> = BTreeMap::new();
-        let mut steps = Vec::new();
-        for &index in &node.stages {
-            let base = node.stage_bases.get(&index).cloned().unwrap_or(BaseRef::Scratch);
-            let mut state = match &base {
-                BaseRef::Scratch => self.scratch(),
-                BaseRef::Stage(s) => stages
-                    .get(s)
-                    .cloned()
-                    .ok_or_else(|| self.image_error(image, format!("stage {s} was not built")))?,
-                BaseRef::Image(name) => {
-                    let built = parents.get(name).ok_or_else(|| {
-                        self.image_error(image, format!("parent image `{name}` was not built"))
-                    })?;
-                    self.state_of_built(built)
-                }
-                BaseRef::External(reference) => self.state_of_external(image, reference)?,
-            };
-            // A stage sees only the ARGs it declares; the values come from build args, then
-            // the global scope, then the declaration's default.
-            state.args = Vars::new();
-            let onbuild = std::mem::take(&mut state.config.on_build);
-            let stage_ctx = StageContext {
-                image,
-                df,
-                index,
-                global: &global,
-                build_args: &build_args,
-                parents,
-                stages: &stages,
-            };
-            let mut flags = StageFlags::default();
-            for trigger in onbuild {
-                let ins = parse_trigger(&trigger, df).map_err(|message| BuildError::Step {
-                    file: df.file.name.clone(),
-                    line: df.stages[index].from.line,
-                    message,
-                })?;
-                self.execute(&stage_ctx, &mut state, &mut flags, &ins, &mut steps)?;
-            }
-            for ins in &df.stages[index].instructions {
-                self.execute(&stage_ctx, &mut state, &mut flags, ins, &mut steps)?;
-            }
-            stages.insert(index, state);
+        if let Some(syntax) = &df.syntax {
+            tracing::info!(
+                "{}: `# syntax={syntax}` is ignored: ferry reads Dockerfiles itself",
+                df.file.name
+            );
         }
-        let target = stages
-            .remove(&node.target_stage)
-            .ok_or_else(|| self.image_error(image, "target stage was not built".into()))?;
+        // Stages run as a small DAG of their own: independent stages concurrently.
+        let jobs: Vec<Job> = node
+            .stages
+            .iter()
+            .map(|&i| Job {
+                name: i.to_string(),
+                parents: node
+                    .stage_deps
+                    .get(&i)
+                    .into_iter()
+                    .flatten()
+                    .map(|d| d.to_string())
+                    .collect(),
+                priority: i,
+            })
+            .collect();
+        let outcomes = scheduler::run(
+            &jobs,
+            self.options.jobs,
+            false,
+            |name, inputs: &BTreeMap<String, Arc<(StageState, Vec<StepReport>)>>| {
+                let index: usize = name.parse().unwrap_or_default();
+                let stages: BTreeMap<usize, StageState> = inputs
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.parse().ok()?, v.0.clone())))
+                    .collect();
+                let ctx = StageContext {
+                    image,
+                    df,
+                    index,
+                    global: &global,
+                    build_args: &build_args,
+                    parents,
+                    stages: &stages,
+                };
+                self.build_stage(&ctx, node).map(Arc::new)
+            },
+        );
+        let mut steps = Vec::new();
+        let mut target = None;
+        for (name, outcome) in outcomes {
+            match outcome {
+                Outcome::Done(done) => {
+                    steps.extend(done.1.iter().cloned());
+                    if name == node.target_stage.to_string() {
+                        target = Some(done.0.clone());
+                    }
+                }
+                Outcome::Failed(e) => return Err(e),
+                Outcome::Skipped(_) => {}
+            }
+        }
+        steps.sort_by_key(|s| (s.stage, s.line));
+        let target =
+            target.ok_or_else(|| self.image_error(image, "target stage was not built".into()))?;
         self.commit_image(image, target, steps)
+    }
+
+    /// Run one stage: its base, the base's ONBUILD triggers, then its instructions.
+    fn build_stage(
+        &self,
+        ctx: &StageContext<'_>,
+        node: &ImageNode,
+    ) -> Result<(StageState, Vec<StepReport>), BuildError> {
+        let (image, df, index) = (ctx.image, ctx.df, ctx.index);
+        let base = node.stage_bases.get(&index).cloned().unwrap_or(BaseRef::Scratch);
+        let mut state = match &base {
+            BaseRef::Scratch => self.scratch(),
+            BaseRef::Stage(s) => ctx
+                .stages
+                .get(s)
+                .cloned()
+                .ok_or_else(|| self.image_error(image, format!("stage {s} was not built")))?,
+            BaseRef::Image(name) => {
+                let built = ctx.parents.get(name).ok_or_else(|| {
+                    self.image_error(image, format!("parent image `{name}` was not built"))
+                })?;
+                self.state_of_built(built)
+            }
+            BaseRef::External(reference) => self.state_of_external(image, reference)?,
+        };
+        // A stage sees only the ARGs it declares; the values come from build args, then
+        // the global scope, then the declaration's default.
+        state.args = Vars::new();
+        let onbuild = std::mem::take(&mut state.config.on_build);
+        let mut flags = StageFlags::default();
+        let mut steps = Vec::new();
+        for trigger in onbuild {
+            let ins = parse_trigger(&trigger, df).map_err(|message| BuildError::Step {
+                file: df.file.name.clone(),
+                line: df.stages[index].from.line,
+                message,
+            })?;
+            self.execute(ctx, &mut state, &mut flags, &ins, &mut steps)?;
+        }
+        for ins in &df.stages[index].instructions {
+            self.execute(ctx, &mut state, &mut flags, ins, &mut steps)?;
+        }
+        Ok((state, steps))
     }
 
     fn image_error(&self, image: &Image, message: String) -> BuildError {
