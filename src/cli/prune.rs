@@ -16,7 +16,7 @@ pub struct PruneArgs {
 pub fn run(global: &GlobalArgs, args: PruneArgs, printer: &Printer) -> CliResult {
     let store = open_store(global)?;
     let mode = if args.all { PruneMode::All } else { PruneMode::Dangling };
-    let report = store.prune(mode, &[]).map_err(store_error)?;
+    let report = store.prune(mode, &cache_roots(&store)).map_err(store_error)?;
     if printer.json {
         printer.json(&serde_json::to_value(&report).unwrap_or_default());
         return Ok(ExitStatus::Success);
@@ -31,4 +31,10 @@ pub fn run(global: &GlobalArgs, args: PruneArgs, printer: &Printer) -> CliResult
     out.push_str(&format!("Total reclaimed space: {}\n", human_size(report.freed_bytes)));
     printer.text(&out);
     Ok(ExitStatus::Success)
+}
+
+/// Blobs the build cache still points at: prune keeps them (a layer cached but no longer in
+/// any image still saves a rebuild).
+pub(super) fn cache_roots(store: &ferry::store::Store) -> Vec<ferry::digest::Digest> {
+    ferry::build::cache::CacheIndex::open(store).map(|c| c.blobs()).unwrap_or_default()
 }
