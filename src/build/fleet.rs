@@ -194,8 +194,8 @@ fn tag(
         names.push(format!("{}:{}", image.repository, v.to_string().replace('+', "_")));
     }
     names.push(format!("{}:latest", image.repository));
-    for n in &names {
-        store.set_ref(n, &built.manifest)?;
-    }
+    let refs: Vec<(String, crate::oci::Descriptor)> =
+        names.iter().map(|n| (n.clone(), built.manifest.clone())).collect();
+    store.set_refs(&refs)?;
     Ok(names)
 }
