@@ -261,3 +261,39 @@ fn independent_stages_run_concurrently() {
     assert_eq!(std::fs::read_to_string(rootfs.join("a")).unwrap(), "a\n");
     assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
 }
+
+#[test]
+fn network_bind_tmpfs_healthcheck_maintainer_escape() {
+    let child = "# escape=`\nFROM --platform=$BUILDPLATFORM bb AS tools\nRUN mkdir -p /opt && echo from-tools > /opt/t\n\nFROM bb\nMAINTAINER Acme Ops <ops@example.com>\nRUN --network=none cat /proc/net/dev | grep -c : > /ifaces\nRUN --mount=type=bind,source=data.txt,target=/in/data.txt cp /in/data.txt /copied `\n && test ! -w /in/data.txt || true\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /from-tools\nRUN --mount=type=tmpfs,target=/scratch echo temp > /scratch/f && cp /scratch/f /tmpfs-worked\nHEALTHCHECK --interval=5s --retries=2 CMD wget -q -O- localhost || exit 1\n";
+    let dir = project(&[
+        ("images.toml", MANIFEST),
+        ("bb/Dockerfile", BUSYBOX_BASE),
+        ("child/Dockerfile", child),
+        ("child/data.txt", "context data\n"),
+    ]);
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    // /proc/net/dev has two header lines with ':'? It has one per interface: only `lo`.
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("ifaces")).unwrap().trim(),
+        "1",
+        "--network=none sees only lo"
+    );
+    assert_eq!(std::fs::read_to_string(rootfs.join("copied")).unwrap(), "context data\n");
+    assert!(!rootfs.join("in").exists(), "bind mount targets leave no trace");
+    assert_eq!(std::fs::read_to_string(rootfs.join("from-tools")).unwrap(), "from-tools\n");
+    assert!(!rootfs.join("mnt").exists());
+    assert_eq!(std::fs::read_to_string(rootfs.join("tmpfs-worked")).unwrap(), "temp\n");
+    assert!(!rootfs.join("scratch").exists(), "tmpfs content is not captured");
+    let cfg = fixture::raw_config(store.path(), "child");
+    assert_eq!(cfg["author"], "Acme Ops <ops@example.com>");
+    assert_eq!(cfg["config"]["Labels"]["maintainer"], "Acme Ops <ops@example.com>");
+    assert_eq!(
+        cfg["config"]["Healthcheck"]["Test"],
+        serde_json::json!(["CMD-SHELL", "wget -q -O- localhost || exit 1"])
+    );
+    assert_eq!(cfg["config"]["Healthcheck"]["Interval"], 5_000_000_000u64);
+    assert_eq!(cfg["config"]["Healthcheck"]["Retries"], 2);
+}

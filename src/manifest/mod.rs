@@ -117,6 +117,9 @@ impl Manifest {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        // Absolute, so that contexts stay valid for processes started elsewhere (the RUN
+        // sandbox binds context files by path).
+        let root = std::fs::canonicalize(&root).unwrap_or(root);
         Manifest::from_source(SourceFile::new(path.display().to_string(), text), &root)
     }
 
