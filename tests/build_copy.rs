@@ -243,12 +243,22 @@ fn existing_directories_keep_their_mode_and_owner_and_symlinks_are_followed() {
              COPY --chown=app:staff tree/ /home/app/\n\
              COPY --chown=1234:5678 f.conf /num/\n\
              COPY --chmod=640 tree /opt/\n\
-             COPY --chmod=750 f.conf /made/by/chmod/\n",
+             COPY --chmod=750 f.conf /made/by/chmod/\n\
+             ADD implied.tar /\n",
         ),
         ("child/f.conf", "conf"),
         ("child/tree/f", "f"),
         ("child/tree/sub/g", "g"),
     ]);
+    // An archive listing only a file below /home/app: the directories it implies exist.
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o600);
+    h.set_uid(10001);
+    h.set_gid(10002);
+    h.set_size(2);
+    tar.append_data(&mut h, "home/app/from-tar", &b"t\n"[..]).unwrap();
+    std::fs::write(dir.path().join("child/implied.tar"), tar.into_inner().unwrap()).unwrap();
     let store = tempfile::tempdir().unwrap();
     build_json(dir.path(), store.path(), &[]);
     let work = tempfile::tempdir().unwrap();
@@ -285,9 +295,11 @@ fn existing_directories_keep_their_mode_and_owner_and_symlinks_are_followed() {
     assert_eq!(stat(&root.join("made/by/chmod")), (0o750, 0, 0));
     assert_eq!(stat(&root.join("made/by/chmod/f.conf")), (0o750, 0, 0));
 
+    assert_eq!(stat(&root.join("home/app/from-tar")), (0o600, 10001, 10002));
+
     // The layers themselves: no entry for a directory the image already has.
     let layers = layer_listings(store.path(), "child");
-    let copies = &layers[layers.len() - 8..];
+    let copies = &layers[layers.len() - 9..];
     let names =
         |l: &Vec<String>| l.iter().map(|n| n.trim_end_matches('/').to_string()).collect::<Vec<_>>();
     assert_eq!(names(&copies[0]), ["etc/f.conf"]);
@@ -296,6 +308,7 @@ fn existing_directories_keep_their_mode_and_owner_and_symlinks_are_followed() {
     assert_eq!(names(&copies[3]), ["run/x.conf"]);
     assert_eq!(names(&copies[4]), ["home/app/f", "home/app/sub", "home/app/sub/g"]);
     assert_eq!(names(&copies[6]), ["opt/f", "opt/sub", "opt/sub/g"]);
+    assert_eq!(names(&copies[8]), ["home/app/from-tar"]);
 }
 
 #[test]

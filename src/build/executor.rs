@@ -670,14 +670,22 @@ impl Executor<'_> {
                     if let (true, CopyKind::File, Some(source)) =
                         (is_add, item.kind, item.source.as_deref())
                     {
-                        if let Some((entries, dir)) =
+                        if let Some(archive) =
                             self.add_archive(source, &resolved, owner).map_err(&err)?
                         {
                             layer.created_dir(&resolved).map_err(&err)?;
-                            for e in entries {
-                                layer.put(e).map_err(&err)?;
+                            for e in archive.entries {
+                                // A directory the archive only implies is created like a
+                                // parent: an existing one is left alone, as by docker's
+                                // untar; one the archive lists takes its metadata.
+                                let path = e.path.to_string_lossy().to_string();
+                                if archive.implied_dirs.contains(&path) {
+                                    layer.created_dir(&path).map_err(&err)?;
+                                } else {
+                                    layer.put(e).map_err(&err)?;
+                                }
                             }
-                            staging.push(dir);
+                            staging.push(archive.staging);
                             continue;
                         }
                     }
@@ -717,7 +725,7 @@ impl Executor<'_> {
         source: &Path,
         dest_dir: &str,
         owner: Option<(u32, u32)>,
-    ) -> Result<Option<(Vec<LayerEntry>, tempfile::TempDir)>, String> {
+    ) -> Result<Option<ExtractedArchive>, String> {
         let open = || {
             let file =
                 std::fs::File::open(source).map_err(|e| format!("{}: {e}", source.display()))?;
@@ -737,6 +745,18 @@ impl Executor<'_> {
         if n < head.len() || !crate::layer::looks_like_tar(&head) {
             return Ok(None);
         }
+        // The directories the archive lists, to tell them from those it only implies.
+        let mut listed = std::collections::HashSet::new();
+        let (_, reader) = open()?;
+        let mut archive = tar::Archive::new(reader);
+        let bad = |e: std::io::Error| format!("ADD {}: {e}", source.display());
+        for entry in archive.entries().map_err(bad)? {
+            let entry = entry.map_err(bad)?;
+            if entry.header().entry_type() == tar::EntryType::Directory {
+                let name = entry.path().map_err(bad)?.to_string_lossy().to_string();
+                listed.insert(config::clean_path(&format!("/{name}")));
+            }
+        }
         let (_, reader) = open()?;
         let tmp = self.store.tmp_dir();
         std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
@@ -750,7 +770,13 @@ impl Executor<'_> {
         let rebase = |p: &Path| {
             PathBuf::from(strip_root(&join_abs(dest_dir, &strip_root(&p.to_string_lossy()))))
         };
+        let mut implied_dirs = std::collections::HashSet::new();
         for e in &mut entries {
+            if e.kind == crate::layer::EntryKind::Dir
+                && !listed.contains(&config::clean_path(&e.path.to_string_lossy()))
+            {
+                implied_dirs.insert(rebase(&e.path).to_string_lossy().to_string());
+            }
             e.path = rebase(&e.path);
             if let crate::layer::EntryKind::Hardlink { target } = &mut e.kind {
                 *target = rebase(target);
@@ -760,7 +786,7 @@ impl Executor<'_> {
                 e.gid = gid;
             }
         }
-        Ok(Some((entries, staging)))
+        Ok(Some(ExtractedArchive { entries, implied_dirs, staging }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1173,6 +1199,16 @@ fn parse_trigger(text: &str, df: &Dockerfile) -> Result<Instruction, String> {
 
 fn strip_root(path: &str) -> String {
     path.trim_start_matches('/').to_string()
+}
+
+/// A local archive ADD extracted, ready to become layer entries.
+struct ExtractedArchive {
+    /// Paths relative to the image root, under the destination.
+    entries: Vec<LayerEntry>,
+    /// Entry paths of directories the archive does not list but its files need.
+    implied_dirs: std::collections::HashSet<String>,
+    /// Holds the extracted files until the layer is packed.
+    staging: tempfile::TempDir,
 }
 
 /// Whether a COPY destination is spelled as a directory (`dir/`, `.`, `dir/.`).
