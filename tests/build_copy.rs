@@ -202,7 +202,7 @@ fn bad_sources_and_destinations_name_the_file_and_line() {
             &["Dockerfile:2:", "\"sub/secret.txt\": not found"],
         ),
         (
-            "FROM scratch\nADD --checksum=sha256:0000 one.txt /x\n",
+            "FROM scratch\nADD --checksum=sha256:0000000000000000000000000000000000000000000000000000000000000000 one.txt /x\n",
             &[],
             &["Dockerfile:2:", "--checksum needs exactly one http"],
         ),
@@ -642,6 +642,7 @@ fn add_downloads_with_and_without_checksum() {
     for (line, expected) in [
         (format!("ADD --checksum=sha256:{good} {url} /x\n"), "checksum mismatch"),
         (format!("ADD http://127.0.0.1:{port}/missing /x\n"), "404"),
+        (format!("ADD --checksum=md5:00 {url} /x\n"), "--checksum=md5:00"),
     ] {
         let bad = project(&[
             ("images.toml", &manifest(&["dl"])),

@@ -504,7 +504,11 @@ impl Executor<'_> {
                 }
                 ("link", v) => link = v.as_deref().is_none_or(|v| v != "false"),
                 ("exclude", Some(v)) => excludes.push(v),
-                ("checksum", Some(v)) if is_add => checksum = Some(v),
+                ("checksum", Some(v)) if is_add => {
+                    v.parse::<Digest>()
+                        .map_err(|e| err(format!("ADD --checksum={v}: {e}")))?;
+                    checksum = Some(v)
+                }
                 ("parents", _) => {
                     return Err(err(format!("{keyword} --parents is not supported yet")))
                 }
@@ -1358,15 +1362,29 @@ fn copy_entry(
     Ok(entry.with_mode(mode).with_owner(uid, gid))
 }
 
-/// Fetch an ADD URL (https, or http), checking `--checksum=sha256:…` when given.
+/// Fetch an ADD URL (https, or http), checking `--checksum=sha256:…` when given. https
+/// servers are verified against the system's CA store (rustls with the platform verifier),
+/// so a private CA is trusted by installing it on the build machine.
 fn download(url: &str, checksum: Option<&str>) -> Result<Vec<u8>, String> {
-    let response = reqwest::blocking::get(url).map_err(|e| format!("ADD {url}: {e}"))?;
+    // A malformed checksum is an error before any network traffic.
+    let expected: Option<Digest> =
+        checksum.map(|c| c.parse().map_err(|e| format!("ADD --checksum={c}: {e}"))).transpose()?;
+    // reqwest's top-level message ("error sending request") hides the cause: show the chain.
+    let describe = |e: reqwest::Error| {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        format!("ADD {url}: {message}")
+    };
+    let response = reqwest::blocking::get(url).map_err(describe)?;
     if !response.status().is_success() {
         return Err(format!("ADD {url}: the server answered {}", response.status()));
     }
-    let bytes = response.bytes().map_err(|e| format!("ADD {url}: {e}"))?.to_vec();
-    if let Some(expected) = checksum {
-        let expected: Digest = expected.parse().map_err(|e| format!("ADD --checksum: {e}"))?;
+    let bytes = response.bytes().map_err(describe)?.to_vec();
+    if let Some(expected) = expected {
         let actual = Digest::of(&bytes);
         if actual != expected {
             return Err(format!("ADD {url}: checksum mismatch: expected {expected}, got {actual}"));
