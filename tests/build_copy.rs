@@ -52,19 +52,7 @@ fn build_error(dir: &Path) -> String {
 
 /// The layer blob digests of a store image, bottom first.
 fn layer_digests(store: &Path, name: &str) -> Vec<String> {
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(store.join("index.json")).unwrap()).unwrap();
-    let desc = index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
-        .unwrap_or_else(|| panic!("no ref {name}"));
-    let hex = desc["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(store.join("blobs/sha256").join(hex)).unwrap())
-            .unwrap();
-    manifest["layers"]
+    fixture::store_manifest(store, name)["layers"]
         .as_array()
         .unwrap()
         .iter()
