@@ -187,7 +187,7 @@ fn load_secret(spec: &str) -> Result<(String, Vec<u8>), String> {
 }
 
 /// SOURCE_DATE_EPOCH from the environment, else images.toml.
-fn source_date_epoch(manifest: &Manifest) -> Result<i64, String> {
+pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<i64, String> {
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
         return v
             .trim()
@@ -227,14 +227,14 @@ pub fn human_size(bytes: u64) -> String {
 }
 
 /// Progress on stderr: a live line per image on a terminal, plain lines otherwise.
-struct Progress {
+pub(super) struct Progress {
     bars: Option<(indicatif::MultiProgress, Mutex<BTreeMap<String, indicatif::ProgressBar>>)>,
     quiet: bool,
     verbose: bool,
 }
 
 impl Progress {
-    fn new(printer: &Printer, global: &GlobalArgs) -> Progress {
+    pub(super) fn new(printer: &Printer, global: &GlobalArgs) -> Progress {
         let terminal = std::io::stderr().is_terminal() && !printer.json && !global.quiet;
         Progress {
             bars: terminal.then(|| (indicatif::MultiProgress::new(), Mutex::new(BTreeMap::new()))),
@@ -243,7 +243,7 @@ impl Progress {
         }
     }
 
-    fn event(&self, event: FleetEvent<'_>) {
+    pub(super) fn event(&self, event: FleetEvent<'_>) {
         if self.quiet {
             return;
         }
@@ -296,7 +296,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(super) fn finish(&self) {
         if let Some((multi, _)) = &self.bars {
             let _ = multi.clear();
         }

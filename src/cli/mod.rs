@@ -12,6 +12,7 @@ mod fleet;
 mod graph;
 mod output;
 mod plan;
+mod push;
 
 pub use output::Printer;
 
@@ -97,6 +98,8 @@ pub enum Command {
     Graph(graph::GraphArgs),
     /// Build the fleet (or the named images and their ancestors).
     Build(build::BuildArgs),
+    /// Build, upload and tag the images for an environment (tags move only once every image is uploaded).
+    Push(push::PushArgs),
 }
 
 /// Parse arguments, run the command, print errors, return the process exit code.
@@ -138,6 +141,7 @@ fn run(cli: Cli, printer: &Printer) -> CliResult {
         Command::Plan(args) => plan::run(&cli.global, args, printer),
         Command::Graph(args) => graph::run(&cli.global, args, printer),
         Command::Build(args) => build::run(&cli.global, args, printer),
+        Command::Push(args) => push::run(&cli.global, args, printer),
     }
 }
 
