@@ -123,6 +123,8 @@ pub struct ImagePlan {
     /// The digest in the store, when the push re-writes the manifest (another compression).
     pub store_digest: Option<Digest>,
     pub rewritten: bool,
+    /// Layer variants this run had to compute (0 when all came from the store's index).
+    pub variants_computed: usize,
     pub manifest_present: bool,
     pub tags: Vec<TagPlan>,
     pub blobs: Vec<BlobPlan>,
@@ -270,6 +272,7 @@ pub fn plan(
                     digest: None,
                     store_digest: None,
                     rewritten: false,
+                    variants_computed: 0,
                     manifest_present: false,
                     tags: img
                         .tags
@@ -343,6 +346,7 @@ pub fn plan(
             digest: Some(digest),
             store_digest: manifest.rewritten.then(|| manifest.source_digest.clone()),
             rewritten: manifest.rewritten,
+            variants_computed: manifest.computed,
             manifest_present,
             tags,
             blobs,
