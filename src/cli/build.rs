@@ -59,21 +59,7 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
         .map(|s| load_secret(s))
         .collect::<Result<BTreeMap<_, _>, _>>()
         .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
-    // External bases are pulled (through mirrors) and pinned by digest before anything runs.
-    let external: std::collections::BTreeSet<String> = graph
-        .build_order()
-        .into_iter()
-        .filter(|n| selected.contains(&n.name))
-        .flat_map(|n| n.external_bases.iter().cloned())
-        .collect();
-    let registry = ferry::registry::RegistryClient::new(
-        ferry::registry::RegistryConfig::for_manifest(&manifest),
-    );
-    let bases = ferry::build::bases::ensure_bases(&store, Some(&registry), &external, args.pull)
-        .map_err(|e| CliError::invalid(miette::miette!("{e}")))?;
-    for b in bases.values().filter(|b| b.pulled) {
-        printer.status(&format!("pulled {} ({})", b.reference, b.descriptor.digest));
-    }
+    let bases = pin_bases(&manifest, &graph, &selected, &store, printer, args.pull)?;
     let options = BuildOptions {
         jobs: global
             .jobs
@@ -167,6 +153,33 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
     Ok(ExitStatus::Success)
 }
 
+/// External bases of the selected images, pulled (through mirrors) when the store lacks
+/// them, and pinned by digest before anything runs.
+pub(super) fn pin_bases(
+    manifest: &Manifest,
+    graph: &ferry::graph::Graph,
+    selected: &std::collections::BTreeSet<String>,
+    store: &ferry::store::Store,
+    printer: &Printer,
+    always_pull: bool,
+) -> Result<BTreeMap<String, ferry::build::bases::PinnedBase>, CliError> {
+    let external: std::collections::BTreeSet<String> = graph
+        .build_order()
+        .into_iter()
+        .filter(|n| selected.contains(&n.name))
+        .flat_map(|n| n.external_bases.iter().cloned())
+        .collect();
+    let registry = ferry::registry::RegistryClient::new(
+        ferry::registry::RegistryConfig::for_manifest(manifest),
+    );
+    let bases = ferry::build::bases::ensure_bases(store, Some(&registry), &external, always_pull)
+        .map_err(|e| CliError::invalid(miette::miette!("{e}")))?;
+    for b in bases.values().filter(|b| b.pulled) {
+        printer.status(&format!("pulled {} ({})", b.reference, b.descriptor.digest));
+    }
+    Ok(bases)
+}
+
 fn parse_output(s: &str) -> Result<(String, PathBuf), String> {
     match s.split_once(':') {
         Some((kind @ ("oci" | "docker"), path)) if !path.is_empty() => {
@@ -208,7 +221,7 @@ fn load_secret(spec: &str) -> Result<(String, Vec<u8>), String> {
 }
 
 /// SOURCE_DATE_EPOCH from the environment, else images.toml.
-fn source_date_epoch(manifest: &Manifest) -> Result<i64, String> {
+pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<i64, String> {
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
         return v
             .trim()
@@ -248,14 +261,14 @@ pub fn human_size(bytes: u64) -> String {
 }
 
 /// Progress on stderr: a live line per image on a terminal, plain lines otherwise.
-struct Progress {
+pub(super) struct Progress {
     bars: Option<(indicatif::MultiProgress, Mutex<BTreeMap<String, indicatif::ProgressBar>>)>,
     quiet: bool,
     verbose: bool,
 }
 
 impl Progress {
-    fn new(printer: &Printer, global: &GlobalArgs) -> Progress {
+    pub(super) fn new(printer: &Printer, global: &GlobalArgs) -> Progress {
         let terminal = std::io::stderr().is_terminal() && !printer.json && !global.quiet;
         Progress {
             bars: terminal.then(|| (indicatif::MultiProgress::new(), Mutex::new(BTreeMap::new()))),
@@ -264,7 +277,7 @@ impl Progress {
         }
     }
 
-    fn event(&self, event: FleetEvent<'_>) {
+    pub(super) fn event(&self, event: FleetEvent<'_>) {
         if self.quiet {
             return;
         }
@@ -317,7 +330,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(super) fn finish(&self) {
         if let Some((multi, _)) = &self.bars {
             let _ = multi.clear();
         }

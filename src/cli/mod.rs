@@ -21,6 +21,7 @@ mod load;
 mod login;
 mod prune;
 mod pull;
+mod push;
 mod rmi;
 mod save;
 mod tag;
@@ -134,6 +135,8 @@ pub enum Command {
     Login(login::LoginArgs),
     /// Inspect and maintain the store.
     Cache(cache::CacheArgs),
+    /// Build, upload and tag the images for an environment (tags move only once every image is uploaded).
+    Push(push::PushArgs),
 }
 
 /// Parse arguments, run the command, print errors, return the process exit code.
@@ -186,6 +189,7 @@ fn run(cli: Cli, printer: &Printer) -> CliResult {
         Command::Load(args) => load::run(&cli.global, args, printer),
         Command::Login(args) => login::run(&cli.global, args, printer),
         Command::Cache(args) => cache::run(&cli.global, args, printer),
+        Command::Push(args) => push::run(&cli.global, args, printer),
     }
 }
 
