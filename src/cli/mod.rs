@@ -24,6 +24,9 @@ mod pull;
 mod rmi;
 mod save;
 mod tag;
+// Releases.
+mod promote;
+mod registries;
 
 pub use output::Printer;
 
@@ -134,6 +137,8 @@ pub enum Command {
     Login(login::LoginArgs),
     /// Inspect and maintain the store.
     Cache(cache::CacheArgs),
+    /// Copy images from one environment to another by digest, then apply its tags.
+    Promote(promote::PromoteArgs),
 }
 
 /// Parse arguments, run the command, print errors, return the process exit code.
@@ -186,6 +191,7 @@ fn run(cli: Cli, printer: &Printer) -> CliResult {
         Command::Load(args) => load::run(&cli.global, args, printer),
         Command::Login(args) => login::run(&cli.global, args, printer),
         Command::Cache(args) => cache::run(&cli.global, args, printer),
+        Command::Promote(args) => promote::run(&cli.global, args, printer),
     }
 }
 
