@@ -85,7 +85,7 @@ fn within_one_registry_only_mounts_and_keeps_digests() {
             .unwrap()
     };
     let listed: Vec<String> = referrers.manifests.iter().map(|d| d.digest.to_string()).collect();
-    assert_eq!(listed, [artifact.clone()]);
+    assert_eq!(listed, [artifact.as_str()]);
     assert_eq!(
         tags_of(&reg.host, "acme-prod/acme/api"),
         ["1.0", "1.0.0", "latest", &format!("sha256-{hex}"), &format!("sha256-{hex}.sig")]

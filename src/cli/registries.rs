@@ -40,9 +40,7 @@ insecure = true
 mirrors = ["https://mirror.internal"]
 ca_file = "certs/ca.pem"
 "#;
-        let m =
-            Manifest::from_source(SourceFile::new("images.toml".into(), text.into()), dir.path())
-                .unwrap();
+        let m = Manifest::from_source(SourceFile::new("images.toml", text), dir.path()).unwrap();
         let c = registry_config(&m);
         let h = c.host("reg.example:5000");
         assert!(h.insecure);
