@@ -25,6 +25,9 @@ mod push;
 mod rmi;
 mod save;
 mod tag;
+// Releases.
+mod promote;
+mod registries;
 
 pub use output::Printer;
 
@@ -137,6 +140,8 @@ pub enum Command {
     Cache(cache::CacheArgs),
     /// Build, upload and tag the images for an environment (tags move only once every image is uploaded).
     Push(push::PushArgs),
+    /// Copy images from one environment to another by digest, then apply its tags.
+    Promote(promote::PromoteArgs),
 }
 
 /// Parse arguments, run the command, print errors, return the process exit code.
@@ -190,6 +195,7 @@ fn run(cli: Cli, printer: &Printer) -> CliResult {
         Command::Login(args) => login::run(&cli.global, args, printer),
         Command::Cache(args) => cache::run(&cli.global, args, printer),
         Command::Push(args) => push::run(&cli.global, args, printer),
+        Command::Promote(args) => promote::run(&cli.global, args, printer),
     }
 }
 

@@ -911,6 +911,80 @@ impl Registry for RegistryClient {
         }
     }
 
+    fn try_mount_blob(
+        &self,
+        repo: &Repository,
+        from: &Repository,
+        digest: &Digest,
+    ) -> Result<bool> {
+        if from.registry != repo.registry {
+            return Ok(false);
+        }
+        let ep = self.upstream(&repo.registry);
+        let mut url = self.url(&ep, &format!("/v2/{}/blobs/uploads/", repo.path))?;
+        url.query_pairs_mut()
+            .append_pair("mount", &digest.to_string())
+            .append_pair("from", &from.path);
+        let scopes = [push_scope(&repo.path), pull_scope(&from.path)];
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let resp = self.send(&ep, &scopes, Method::POST, url.clone(), h, None, true)?;
+        match resp.status() {
+            StatusCode::CREATED => Ok(true),
+            StatusCode::ACCEPTED => {
+                // Not mounted: close the upload session it opened instead of leaving it to
+                // expire. A failure to cancel costs nothing but a stale session.
+                let location = location_of(&resp, &url, &ep)?;
+                let cancelled = self.send(
+                    &ep,
+                    &[push_scope(&repo.path)],
+                    Method::DELETE,
+                    location,
+                    HeaderMap::new(),
+                    None,
+                    true,
+                );
+                if let Err(e) = cancelled {
+                    tracing::debug!(registry = %ep.name, error = %e, "cancelling an upload session failed");
+                }
+                Ok(false)
+            }
+            _ => Err(self.failure(&ep, format!("mount of blob {digest} from {}", from.path), resp)),
+        }
+    }
+
+    fn put_blob_stream(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        size: u64,
+        reader: Box<dyn Read + Send>,
+    ) -> Result<()> {
+        let ep = self.upstream(&repo.registry);
+        let scopes = [push_scope(&repo.path)];
+        let what = format!("upload of blob {digest} to {}", repo.path);
+        let url = self.url(&ep, &format!("/v2/{}/blobs/uploads/", repo.path))?;
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let resp = self.send(&ep, &scopes, Method::POST, url.clone(), h, None, true)?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(self.failure(&ep, what, resp));
+        }
+        let mut location = location_of(&resp, &url, &ep)?;
+        location.query_pairs_mut().append_pair("digest", &digest.to_string());
+        // One monolithic PUT whose body is the stream itself: the bytes go from one
+        // connection to the other and never touch the disk. The stream can be sent once.
+        let reader = Mutex::new(Some(reader));
+        let make = || match lock(&reader).take() {
+            Some(r) => Ok(Body::sized(r, size)),
+            None => Err(std::io::Error::other("the blob stream was already sent once")),
+        };
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        let resp = self.send(&ep, &scopes, Method::PUT, location, h, Some(&make), false)?;
+        self.check_created(&ep, what, resp, digest)
+    }
+
     fn list_tags(&self, repo: &Repository) -> Result<Vec<String>> {
         #[derive(serde::Deserialize)]
         struct TagList {
