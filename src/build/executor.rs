@@ -45,6 +45,8 @@ pub struct BuiltImage {
 struct PreparedMount {
     mount: RunMount,
     key: String,
+    /// A flattened `from=` tree the mount reads, kept alive until the step ran.
+    _source: Option<Arc<tempfile::TempDir>>,
 }
 
 /// What the instructions of one stage can see.
@@ -488,9 +490,10 @@ impl Executor<'_> {
             .tempdir_in(&tmp)
             .map_err(|e| e.to_string())?;
         rootfs::flatten(self.store, layers, dir.path()).map_err(|e| e.to_string())?;
-        let dir = Arc::new(dir);
-        self.flattened.lock().map_err(|e| e.to_string())?.insert(key.clone(), dir.clone());
-        Ok(dir)
+        // Two images may flatten the same source at once: the first one recorded wins, and
+        // callers hold their Arc while they read, so no directory vanishes under a reader.
+        let mut map = self.flattened.lock().map_err(|e| e.to_string())?;
+        Ok(map.entry(key.clone()).or_insert_with(|| Arc::new(dir)).clone())
     }
 
     /// The source of `--from=NAME`: a stage, a sibling image, or an external image.
@@ -585,26 +588,27 @@ impl Executor<'_> {
         let workdir = state.config.working_dir.clone().unwrap_or_else(|| "/".into());
 
         // Where the sources come from, and the identity of that tree for the key.
-        let (tree, source_key): (SourceTree, String) = match &from {
-            Some(word) => {
-                let (key, layers) = self.source_of(ctx, word).map_err(&err)?;
-                let dir = self.flattened(&key, &layers).map_err(&err)?;
-                let tree = SourceTree::rootfs(dir.path(), format!("--from={word}"))
-                    .map_err(|e| err(e.to_string()))?;
-                // The temp dir lives in `self.flattened` until the build ends.
-                (tree, key.to_string())
-            }
-            None => {
-                // The Dockerfile as the context sees it (a relative path is read from the
-                // context), for its `<Dockerfile>.dockerignore`. Context files are written
-                // 0:0 (or `--chown`): their owners on this machine must not change the key.
-                let dockerfile = Path::new(&ctx.image.dockerfile_rel);
-                let tree = SourceTree::build_context(&ctx.image.context, Some(dockerfile))
-                    .map_err(|e| err(e.to_string()))?
-                    .without_ownership_in_digest();
-                (tree, "context".to_string())
-            }
-        };
+        // `_source_dir` keeps a flattened `--from` tree alive while this step reads it.
+        let (tree, source_key, _source_dir): (SourceTree, String, Option<Arc<tempfile::TempDir>>) =
+            match &from {
+                Some(word) => {
+                    let (key, layers) = self.source_of(ctx, word).map_err(&err)?;
+                    let dir = self.flattened(&key, &layers).map_err(&err)?;
+                    let tree = SourceTree::rootfs(dir.path(), format!("--from={word}"))
+                        .map_err(|e| err(e.to_string()))?;
+                    (tree, key.to_string(), Some(dir))
+                }
+                None => {
+                    // The Dockerfile as the context sees it (a relative path is read from the
+                    // context), for its `<Dockerfile>.dockerignore`. Context files are written
+                    // 0:0 (or `--chown`): their owners on this machine must not change the key.
+                    let dockerfile = Path::new(&ctx.image.dockerfile_rel);
+                    let tree = SourceTree::build_context(&ctx.image.context, Some(dockerfile))
+                        .map_err(|e| err(e.to_string()))?
+                        .without_ownership_in_digest();
+                    (tree, "context".to_string(), None)
+                }
+            };
         let mut path_sources = Vec::new();
         let mut heredocs = Vec::new();
         let mut urls = Vec::new();
@@ -1082,11 +1086,15 @@ impl Executor<'_> {
                     if source.split('/').any(|c| c == "..") {
                         return Err(format!("RUN --mount source `{source}` leaves its root"));
                     }
-                    let (root, key) = match opts.get("from") {
+                    let (root, key, keep) = match opts.get("from") {
                         Some(from) => {
                             let (key, layers) = self.source_of(ctx, from)?;
                             let dir = self.flattened(&key, &layers)?;
-                            (dir.path().to_path_buf(), format!("bind:{key}:{source}:{target}"))
+                            (
+                                dir.path().to_path_buf(),
+                                format!("bind:{key}:{source}:{target}"),
+                                Some(dir),
+                            )
                         }
                         None => {
                             let tree = SourceTree::build_context(
@@ -1104,6 +1112,7 @@ impl Executor<'_> {
                             (
                                 ctx.image.context.clone(),
                                 format!("bind:context:{digest}:{source}:{target}"),
+                                None,
                             )
                         }
                     };
@@ -1114,6 +1123,7 @@ impl Executor<'_> {
                             readonly,
                         },
                         key,
+                        _source: keep,
                     });
                 }
                 "cache" => {
@@ -1128,6 +1138,7 @@ impl Executor<'_> {
                     out.push(PreparedMount {
                         mount: RunMount::Cache { host_dir: dir, target: target.clone() },
                         key: format!("cache:{target}"),
+                        _source: None,
                     });
                 }
                 "tmpfs" => {
@@ -1145,6 +1156,7 @@ impl Executor<'_> {
                     out.push(PreparedMount {
                         mount: RunMount::Tmpfs { target: target.clone(), size },
                         key: format!("tmpfs:{target}"),
+                        _source: None,
                     });
                 }
                 "secret" => {
@@ -1179,6 +1191,7 @@ impl Executor<'_> {
                             gid: num("gid", 0, 10)?,
                         },
                         key: format!("secret:{id}:{target}"),
+                        _source: None,
                     });
                 }
                 other => {
