@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod build;
+mod check;
 mod fleet;
 mod graph;
 mod output;
@@ -100,6 +101,8 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Build, upload and tag the images for an environment (tags move only once every image is uploaded).
     Push(push::PushArgs),
+    /// Check the semantic-version policy (for CI): semver, release_only, bumps.
+    Check(check::CheckArgs),
 }
 
 /// Parse arguments, run the command, print errors, return the process exit code.
@@ -142,6 +145,7 @@ fn run(cli: Cli, printer: &Printer) -> CliResult {
         Command::Graph(args) => graph::run(&cli.global, args, printer),
         Command::Build(args) => build::run(&cli.global, args, printer),
         Command::Push(args) => push::run(&cli.global, args, printer),
+        Command::Check(args) => check::run(&cli.global, args, printer),
     }
 }
 
