@@ -1,5 +1,6 @@
 //! Releases: environments, tag templates, the semver policy, push and promotion plans.
 
+pub mod labels;
 pub mod policy;
 pub mod push;
 pub mod template;
