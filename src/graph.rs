@@ -33,6 +33,9 @@ pub struct ImageNode {
     pub dockerfile: Dockerfile,
     /// The target stage and every stage it needs, in Dockerfile order.
     pub stages: Vec<usize>,
+    /// Per needed stage, the earlier stages it builds on or copies from: stages without a
+    /// path between them build concurrently.
+    pub stage_deps: BTreeMap<usize, BTreeSet<usize>>,
     pub target_stage: usize,
     /// Per needed stage, what its FROM names.
     pub stage_bases: BTreeMap<usize, BaseRef>,
@@ -152,6 +155,16 @@ impl Graph {
                     name: name.clone(),
                     dockerfile,
                     stages: needs.keys().copied().collect(),
+                    stage_deps: needs
+                        .iter()
+                        .map(|(&stage, refs)| {
+                            let deps = refs.iter().filter_map(|r| match r {
+                                BaseRef::Stage(s) => Some(*s),
+                                _ => None,
+                            });
+                            (stage, deps.collect())
+                        })
+                        .collect(),
                     target_stage,
                     stage_bases,
                     parents,

@@ -317,7 +317,9 @@ impl ManifestProbe {
     }
 }
 
-/// A manifest document, parsed by what it is.
+/// A manifest document, parsed by what it is. Short-lived, so the size difference of the
+/// variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParsedManifest {
     Image(ImageManifest),

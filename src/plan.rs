@@ -24,7 +24,7 @@ pub struct PlannedImage {
     pub level: usize,
     pub parents: Vec<String>,
     pub children: Vec<String>,
-    pub external_bases: Vec<String>,
+    pub external_bases: Vec<ExternalBase>,
     pub context: String,
     pub dockerfile: String,
     /// The target stage by name, or `#N` for an unnamed one.
@@ -34,6 +34,14 @@ pub struct PlannedImage {
     pub repository: String,
     /// Per environment: the full references this image is tagged with.
     pub environments: BTreeMap<String, EnvironmentTags>,
+}
+
+/// A base image from a registry, with the digest it is pinned to when the store has it
+/// (`ferry build` pulls and pins every base before it builds).
+#[derive(Debug, Clone, Serialize)]
+pub struct ExternalBase {
+    pub reference: String,
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -158,6 +166,7 @@ impl Plan {
         selected: &std::collections::BTreeSet<String>,
         env: Option<&str>,
         info: &SourceInfo,
+        pins: &BTreeMap<String, String>,
     ) -> Result<Plan, PlanError> {
         let envs: Vec<&Environment> = match env {
             Some(e) => {
@@ -202,7 +211,11 @@ impl Plan {
                     .into_iter()
                     .filter(|c| selected.contains(c))
                     .collect(),
-                external_bases: node.external_bases.iter().cloned().collect(),
+                external_bases: node
+                    .external_bases
+                    .iter()
+                    .map(|r| ExternalBase { reference: r.clone(), digest: pins.get(r).cloned() })
+                    .collect(),
                 context: image.context_rel.clone(),
                 dockerfile: image.dockerfile_rel.clone(),
                 target,
@@ -262,8 +275,15 @@ impl Plan {
             if !img.parents.is_empty() {
                 let _ = writeln!(s, "    parents     {}", img.parents.join(", "));
             }
-            if !img.external_bases.is_empty() {
-                let _ = writeln!(s, "    external    {}", img.external_bases.join(", "));
+            for base in &img.external_bases {
+                match &base.digest {
+                    Some(d) => {
+                        let _ = writeln!(s, "    external    {}@{d}", base.reference);
+                    }
+                    None => {
+                        let _ = writeln!(s, "    external    {} (not pulled yet)", base.reference);
+                    }
+                }
             }
             for (env, tags) in &img.environments {
                 let list = if tags.tags.is_empty() {

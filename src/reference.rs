@@ -279,10 +279,10 @@ fn validate_registry(registry: &str) -> Result<(), String> {
             }
         }
     }
-    if registry.contains(':') && !registry.starts_with('[') || registry.contains("]:") {
-        if port.is_empty() || !port.chars().all(|c| c.is_ascii_digit()) || port.len() > 5 {
-            return Err(format!("{registry:?} has an invalid port {port:?}"));
-        }
+    let has_port = registry.contains(':') && !registry.starts_with('[') || registry.contains("]:");
+    if has_port && (port.is_empty() || !port.chars().all(|c| c.is_ascii_digit()) || port.len() > 5)
+    {
+        return Err(format!("{registry:?} has an invalid port {port:?}"));
     }
     Ok(())
 }

@@ -134,3 +134,38 @@ fn noop_rebuild_runs_no_step_and_a_one_file_change_rebuilds_only_what_reads_it()
     assert_eq!(built, vec![3], "only COPY config/api.toml (line 3) is rebuilt: {api}");
     assert_eq!(changed["steps_built"], 1);
 }
+
+#[test]
+fn prune_keeps_what_the_build_cache_points_at() {
+    let dir = top_level_fleet();
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &[]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.path().join("index.json")).unwrap()).unwrap();
+    for m in index["manifests"].as_array().unwrap() {
+        let name = m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap();
+        let out = fixture::ferry(dir.path())
+            .arg("--store")
+            .arg(store.path())
+            .args(["rmi", "--force", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rmi {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = fixture::ferry(dir.path())
+        .arg("--store")
+        .arg(store.path())
+        .args(["prune", "--all"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again = build_json(dir.path(), store.path(), &[]);
+    assert_eq!(again["steps_built"], 0, "every layer survived prune through the cache: {again}");
+    let out = fixture::ferry(dir.path())
+        .arg("--store")
+        .arg(store.path())
+        .args(["cache", "verify"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -76,7 +76,7 @@ fn without_violations_check_passes() {
 
 #[test]
 fn release_only_environments_reject_pre_releases_and_require_version_needs_one() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let dir = fleet(&registry.host, "");
     // tools loses its version; staging requires one.
     edit(dir.path(), "images.toml", "version = \"0.3.0\"\n", "");
@@ -96,7 +96,7 @@ fn release_only_environments_reject_pre_releases_and_require_version_needs_one()
 
 #[test]
 fn a_digest_that_changed_under_a_published_version_must_bump() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let extra = format!(
         "[environments.old]\nregistry = \"{}/old\"\ntags = [\"{{version}}\"]\ncompression = \"gzip\"\n",
         registry.host

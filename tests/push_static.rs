@@ -43,7 +43,7 @@ fn store_digest(store: &Path, name: &str) -> String {
 
 #[test]
 fn push_tags_every_image_with_the_store_digest_and_a_second_push_uploads_nothing() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let proxy = Proxy::start(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
@@ -100,7 +100,7 @@ fn push_tags_every_image_with_the_store_digest_and_a_second_push_uploads_nothing
 
 #[test]
 fn a_gzip_environment_gets_rewritten_manifests_whose_variants_are_computed_once() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let extra = format!(
         "[environments.old]\nregistry = \"{h}/old\"\ntags = [\"{{version}}\"]\ncompression = \"gzip\"\n\n[environments.old2]\nregistry = \"{h}/old2\"\ntags = [\"{{version}}\"]\ncompression = \"gzip\"\n",
         h = registry.host
@@ -170,7 +170,7 @@ fn a_gzip_environment_gets_rewritten_manifests_whose_variants_are_computed_once(
 
 #[test]
 fn dry_run_prints_the_plan_and_sends_nothing() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let proxy = Proxy::start(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
@@ -223,7 +223,7 @@ fn dry_run_prints_the_plan_and_sends_nothing() {
 
 #[test]
 fn pushed_images_carry_the_oci_labels_and_annotations() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let dir = fleet(&registry.host, "");
     let store = tempfile::tempdir().unwrap();
     let store = store.path();

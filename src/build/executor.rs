@@ -11,9 +11,10 @@ use serde::Serialize;
 use super::cache::{CacheIndex, CachedLayer};
 use super::config::{self, StageFlags};
 use super::key::CacheKey;
-use super::rootfs;
+use super::rootfs::{self, ImagePaths};
+use super::scheduler::{self, Job, Outcome};
 use super::BuildOptions;
-use crate::context::{map_to_destination, CopyItem, CopyKind, SourceTree, StatCache};
+use crate::context::{map_to_destination_with, CopyItem, CopyKind, SourceTree, StatCache};
 use crate::digest::Digest;
 use crate::dockerfile::expand::{Lexer, Vars};
 use crate::dockerfile::{Command, Dockerfile, Flag, Instruction, Kind, Source};
@@ -157,55 +158,111 @@ impl Executor<'_> {
         let global = crate::graph::global_arg_values(df, &build_args).map_err(|e| {
             BuildError::Step { file: df.file.name.clone(), line: 1, message: e.to_string() }
         })?;
-        let mut stages: BTreeMap<usize, StageState> = BTreeMap::new();
-        let mut steps = Vec::new();
-        for &index in &node.stages {
-            let base = node.stage_bases.get(&index).cloned().unwrap_or(BaseRef::Scratch);
-            let mut state = match &base {
-                BaseRef::Scratch => self.scratch(),
-                BaseRef::Stage(s) => stages
-                    .get(s)
-                    .cloned()
-                    .ok_or_else(|| self.image_error(image, format!("stage {s} was not built")))?,
-                BaseRef::Image(name) => {
-                    let built = parents.get(name).ok_or_else(|| {
-                        self.image_error(image, format!("parent image `{name}` was not built"))
-                    })?;
-                    self.state_of_built(built)
-                }
-                BaseRef::External(reference) => self.state_of_external(image, reference)?,
-            };
-            // A stage sees only the ARGs it declares; the values come from build args, then
-            // the global scope, then the declaration's default.
-            state.args = Vars::new();
-            let onbuild = std::mem::take(&mut state.config.on_build);
-            let stage_ctx = StageContext {
-                image,
-                df,
-                index,
-                global: &global,
-                build_args: &build_args,
-                parents,
-                stages: &stages,
-            };
-            let mut flags = StageFlags::default();
-            for trigger in onbuild {
-                let ins = parse_trigger(&trigger, df).map_err(|message| BuildError::Step {
-                    file: df.file.name.clone(),
-                    line: df.stages[index].from.line,
-                    message,
-                })?;
-                self.execute(&stage_ctx, &mut state, &mut flags, &ins, &mut steps)?;
-            }
-            for ins in &df.stages[index].instructions {
-                self.execute(&stage_ctx, &mut state, &mut flags, ins, &mut steps)?;
-            }
-            stages.insert(index, state);
+        if let Some(syntax) = &df.syntax {
+            tracing::info!(
+                "{}: `# syntax={syntax}` is ignored: ferry reads Dockerfiles itself",
+                df.file.name
+            );
         }
-        let target = stages
-            .remove(&node.target_stage)
-            .ok_or_else(|| self.image_error(image, "target stage was not built".into()))?;
+        // Stages run as a small DAG of their own: independent stages concurrently.
+        let jobs: Vec<Job> = node
+            .stages
+            .iter()
+            .map(|&i| Job {
+                name: i.to_string(),
+                parents: node
+                    .stage_deps
+                    .get(&i)
+                    .into_iter()
+                    .flatten()
+                    .map(|d| d.to_string())
+                    .collect(),
+                priority: i,
+            })
+            .collect();
+        let outcomes = scheduler::run(
+            &jobs,
+            self.options.jobs,
+            false,
+            |name, inputs: &BTreeMap<String, Arc<(StageState, Vec<StepReport>)>>| {
+                let index: usize = name.parse().unwrap_or_default();
+                let stages: BTreeMap<usize, StageState> = inputs
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.parse().ok()?, v.0.clone())))
+                    .collect();
+                let ctx = StageContext {
+                    image,
+                    df,
+                    index,
+                    global: &global,
+                    build_args: &build_args,
+                    parents,
+                    stages: &stages,
+                };
+                self.build_stage(&ctx, node).map(Arc::new)
+            },
+        );
+        let mut steps = Vec::new();
+        let mut target = None;
+        for (name, outcome) in outcomes {
+            match outcome {
+                Outcome::Done(done) => {
+                    steps.extend(done.1.iter().cloned());
+                    if name == node.target_stage.to_string() {
+                        target = Some(done.0.clone());
+                    }
+                }
+                Outcome::Failed(e) => return Err(e),
+                Outcome::Skipped(_) => {}
+            }
+        }
+        steps.sort_by_key(|s| (s.stage, s.line));
+        let target =
+            target.ok_or_else(|| self.image_error(image, "target stage was not built".into()))?;
         self.commit_image(image, target, steps)
+    }
+
+    /// Run one stage: its base, the base's ONBUILD triggers, then its instructions.
+    fn build_stage(
+        &self,
+        ctx: &StageContext<'_>,
+        node: &ImageNode,
+    ) -> Result<(StageState, Vec<StepReport>), BuildError> {
+        let (image, df, index) = (ctx.image, ctx.df, ctx.index);
+        let base = node.stage_bases.get(&index).cloned().unwrap_or(BaseRef::Scratch);
+        let mut state = match &base {
+            BaseRef::Scratch => self.scratch(),
+            BaseRef::Stage(s) => ctx
+                .stages
+                .get(s)
+                .cloned()
+                .ok_or_else(|| self.image_error(image, format!("stage {s} was not built")))?,
+            BaseRef::Image(name) => {
+                let built = ctx.parents.get(name).ok_or_else(|| {
+                    self.image_error(image, format!("parent image `{name}` was not built"))
+                })?;
+                self.state_of_built(built)
+            }
+            BaseRef::External(reference) => self.state_of_external(image, reference)?,
+        };
+        // A stage sees only the ARGs it declares; the values come from build args, then
+        // the global scope, then the declaration's default.
+        state.args = Vars::new();
+        let onbuild = std::mem::take(&mut state.config.on_build);
+        let mut flags = StageFlags::default();
+        let mut steps = Vec::new();
+        for trigger in onbuild {
+            let ins = parse_trigger(&trigger, df).map_err(|message| BuildError::Step {
+                file: df.file.name.clone(),
+                line: df.stages[index].from.line,
+                message,
+            })?;
+            self.execute(ctx, &mut state, &mut flags, &ins, &mut steps)?;
+        }
+        for ins in &df.stages[index].instructions {
+            self.execute(ctx, &mut state, &mut flags, ins, &mut steps)?;
+        }
+        Ok((state, steps))
     }
 
     fn image_error(&self, image: &Image, message: String) -> BuildError {
@@ -251,13 +308,22 @@ impl Executor<'_> {
 
     fn state_of_external(&self, image: &Image, reference: &str) -> Result<StageState, BuildError> {
         let err = |message: String| BuildError::Image { image: image.name.clone(), message };
-        let resolved = self
-            .store
-            .resolve(reference)
-            .map_err(|e| err(format!("base image `{reference}` is not in the store ({e}); pull it first with `ferry pull {reference}`")))?;
+        let descriptor = match self.options.bases.get(reference) {
+            Some(d) => d.clone(),
+            None => {
+                self.store
+                    .resolve(reference)
+                    .map_err(|e| {
+                        err(format!(
+                            "base image `{reference}` is not in the store ({e}); pull it first with `ferry pull {reference}`"
+                        ))
+                    })?
+                    .descriptor
+            }
+        };
         let img = self
             .store
-            .image_for_platform(&resolved.descriptor, &crate::oci::Platform::host())
+            .image_for_platform(&descriptor, &crate::oci::Platform::host())
             .map_err(|e| err(format!("base image `{reference}`: {e}")))?;
         Ok(StageState {
             config: img.config.config.clone().unwrap_or_default(),
@@ -509,13 +575,24 @@ impl Executor<'_> {
                 ("from", Some(v)) => from = Some(v),
                 ("chown", Some(v)) => chown = Some(v),
                 ("chmod", Some(v)) => {
-                    chmod = Some(u32::from_str_radix(&v, 8).map_err(|_| {
-                        err(format!("{keyword} --chmod={v}: expected an octal mode like 755"))
-                    })?)
+                    chmod = Some(
+                        u32::from_str_radix(&v, 8)
+                            .ok()
+                            .filter(|m| *m <= 0o7777)
+                            .ok_or_else(|| {
+                                err(format!(
+                                    "{keyword} --chmod={v}: expected an octal mode from 0 to 7777, like 755"
+                                ))
+                            })?,
+                    )
                 }
                 ("link", v) => link = v.as_deref().is_none_or(|v| v != "false"),
                 ("exclude", Some(v)) => excludes.push(v),
-                ("checksum", Some(v)) if is_add => checksum = Some(v),
+                ("checksum", Some(v)) if is_add => {
+                    v.parse::<Digest>()
+                        .map_err(|e| err(format!("ADD --checksum={v}: {e}")))?;
+                    checksum = Some(v)
+                }
                 ("parents", _) => {
                     return Err(err(format!("{keyword} --parents is not supported yet")))
                 }
@@ -536,9 +613,13 @@ impl Executor<'_> {
                 (tree, key.to_string())
             }
             None => {
-                let tree =
-                    SourceTree::build_context(&ctx.image.context, Some(&ctx.image.dockerfile))
-                        .map_err(|e| err(e.to_string()))?;
+                // The Dockerfile as the context sees it (a relative path is read from the
+                // context), for its `<Dockerfile>.dockerignore`. Context files are written
+                // 0:0 (or `--chown`): their owners on this machine must not change the key.
+                let dockerfile = Path::new(&ctx.image.dockerfile_rel);
+                let tree = SourceTree::build_context(&ctx.image.context, Some(dockerfile))
+                    .map_err(|e| err(e.to_string()))?
+                    .without_ownership_in_digest();
                 (tree, "context".to_string())
             }
         };
@@ -569,6 +650,24 @@ impl Executor<'_> {
                 }
             }
         }
+        // BuildKit makes `--link` a separate layer merged onto the stage only without
+        // `--chmod`; with it, the copy is an ordinary one onto the stage.
+        let link = link && chmod.is_none();
+        if checksum.is_some()
+            && (urls.len() != 1 || !path_sources.is_empty() || !heredocs.is_empty())
+        {
+            return Err(err(
+                "ADD --checksum needs exactly one http:// or https:// source (it checks a download)"
+                    .into(),
+            ));
+        }
+        // As docker documents: several sources need a directory destination, spelled so.
+        if path_sources.len() + heredocs.len() + urls.len() > 1 && !dir_syntax(&dest) {
+            return Err(err(format!(
+                "{keyword} to {dest:?}: when using {keyword} with more than one source, the \
+                 destination must be a directory and end with a /"
+            )));
+        }
         let owner = match &chown {
             None => None,
             Some(spec) => {
@@ -592,6 +691,23 @@ impl Executor<'_> {
             }
             None => String::new(),
         };
+        // A URL's content is part of the key: without --checksum it is fetched now (as
+        // BuildKit does on every build), with one the checksum stands for it.
+        let mut downloads = Vec::new();
+        let mut url_keys = Vec::new();
+        for url in &urls {
+            match &checksum {
+                Some(sum) => {
+                    downloads.push(None);
+                    url_keys.push(format!("{url} {sum}"));
+                }
+                None => {
+                    let bytes = download(url, None).map_err(&err)?;
+                    url_keys.push(format!("{url} {}", Digest::of(&bytes)));
+                    downloads.push(Some(bytes));
+                }
+            }
+        }
         let parent_key =
             if link { CacheKey::scratch(&self.options.platform) } else { state.key.clone() };
         let key = parent_key
@@ -600,7 +716,7 @@ impl Executor<'_> {
             .field("content", &content)
             .list("sources", path_sources.iter().map(String::as_str))
             .list("heredocs", heredocs.iter().flat_map(|(n, b)| [n.as_str(), b.as_str()]))
-            .list("urls", urls.iter().map(String::as_str))
+            .list("urls", url_keys.iter().map(String::as_str))
             .field("checksum", checksum.as_deref().unwrap_or(""))
             .field("dest", &dest)
             .field("workdir", &workdir)
@@ -610,102 +726,155 @@ impl Executor<'_> {
             .finish();
         let created_by = format!("{text} # ferry");
         let keep_owner = from.is_some();
+        let lower_layers = state.layers.clone();
         self.layer_step(state, key, created_by.clone(), || {
-            let mut entries = Vec::new();
+            // What the stage already has where this copy writes (its directories are kept,
+            // its symlinks followed). `--link` must not depend on it, by definition.
+            let image = if link || lower_layers.is_empty() {
+                ImagePaths::default()
+            } else {
+                ImagePaths::read(self.store, &lower_layers)
+                    .map_err(|e| err(format!("reading the stage's filesystem: {e}")))?
+            };
+            let abs = config::clean_path(&if dest.starts_with('/') {
+                dest.clone()
+            } else {
+                format!("{}/{dest}", workdir.trim_end_matches('/'))
+            });
+            let resolved = image.resolve(&abs).map_err(&err)?;
+            let into_dir = dir_syntax(&dest) || image.is_dir(&resolved);
+            let mut layer = CopyLayer { image: &image, owner, chmod, entries: BTreeMap::new() };
+            // ADD staging directories: their files are read when the layer is packed.
+            let mut staging = Vec::new();
             if let Some(sel) = &selection {
-                let items =
-                    map_to_destination(sel, &dest, &workdir).map_err(|e| err(e.to_string()))?;
+                let mapped = if dir_syntax(&dest) && resolved != "/" {
+                    format!("{resolved}/")
+                } else {
+                    resolved.clone()
+                };
+                let items = map_to_destination_with(sel, &mapped, "/", &|p| image.is_dir(p))
+                    .map_err(|e| err(e.to_string()))?;
                 for item in items {
-                    if is_add && item.kind == CopyKind::File {
-                        if let Some(extracted) = self.add_archive(&item).map_err(&err)? {
-                            entries.extend(extracted);
+                    if let (true, CopyKind::File, Some(source)) =
+                        (is_add, item.kind, item.source.as_deref())
+                    {
+                        if let Some(archive) =
+                            self.add_archive(source, &resolved, owner).map_err(&err)?
+                        {
+                            layer.created_dir(&resolved).map_err(&err)?;
+                            for e in archive.entries {
+                                // A directory the archive only implies is created like a
+                                // parent: an existing one is left alone, as by docker's
+                                // untar; one the archive lists takes its metadata.
+                                let path = e.path.to_string_lossy().to_string();
+                                if archive.implied_dirs.contains(&path) {
+                                    layer.created_dir(&path).map_err(&err)?;
+                                } else {
+                                    layer.put(e).map_err(&err)?;
+                                }
+                            }
+                            staging.push(archive.staging);
                             continue;
                         }
                     }
-                    entries.push(copy_entry(&item, owner, chmod, keep_owner).map_err(&err)?);
+                    layer.item(&item, keep_owner).map_err(&err)?;
                 }
             }
+            let target_of =
+                |name: &str| if into_dir { join_abs(&resolved, name) } else { resolved.clone() };
             for (name, body) in &heredocs {
-                let target =
-                    resolve_dest(&dest, &workdir, name, heredocs.len() + path_sources.len() > 1);
-                let (uid, gid) = owner.unwrap_or((0, 0));
-                entries.extend(parent_dirs(&target, owner));
-                entries.push(
-                    LayerEntry::bytes(strip_root(&target), body.clone().into_bytes())
-                        .with_mode(chmod.unwrap_or(0o644))
-                        .with_owner(uid, gid),
-                );
+                let entry = LayerEntry::bytes(strip_root(&target_of(name)), body.clone())
+                    .with_mode(chmod.unwrap_or(0o644));
+                layer.file(entry).map_err(&err)?;
             }
-            for url in &urls {
-                let name = url
-                    .rsplit('/')
-                    .next()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or("download")
-                    .to_string();
-                let target =
-                    resolve_dest(&dest, &workdir, &name, urls.len() > 1 || dest.ends_with('/'));
-                let bytes = download(url, checksum.as_deref()).map_err(&err)?;
-                let (uid, gid) = owner.unwrap_or((0, 0));
-                entries.extend(parent_dirs(&target, owner));
-                entries.push(
-                    LayerEntry::bytes(strip_root(&target), bytes)
-                        .with_mode(chmod.unwrap_or(0o600))
-                        .with_owner(uid, gid),
-                );
+            for (url, fetched) in urls.iter().zip(downloads.iter()) {
+                let bytes = match fetched {
+                    Some(b) => b.clone(),
+                    None => download(url, checksum.as_deref()).map_err(&err)?,
+                };
+                // Docker gives downloads mode 0600.
+                let entry = LayerEntry::bytes(strip_root(&target_of(&url_file_name(url))), bytes)
+                    .with_mode(chmod.unwrap_or(0o600));
+                layer.file(entry).map_err(&err)?;
             }
-            dedup_entries(&mut entries);
-            self.pack(entries, &created_by).map_err(err)
+            let packed = self.pack(layer.entries.into_values().collect(), &created_by).map_err(err);
+            drop(staging);
+            packed
         })
     }
 
-    /// ADD of a local tar archive (plain, gzip, bzip2, xz or zstd) extracts it at the
-    /// destination directory instead of copying it. Returns None when the file is no archive.
-    fn add_archive(&self, item: &CopyItem) -> Result<Option<Vec<LayerEntry>>, String> {
-        let Some(source) = &item.source else { return Ok(None) };
-        let file = std::fs::File::open(source).map_err(|e| format!("{}: {e}", source.display()))?;
-        let (_, mut reader) =
-            crate::layer::decompress(file).map_err(|e| format!("{}: {e}", source.display()))?;
-        // A tar has "ustar" at offset 257 of its first header.
-        let mut head = vec![0u8; 512];
+    /// ADD of a local tar archive (plain, gzip, bzip2, xz or zstd) extracts it into the
+    /// destination directory `dest_dir` instead of copying it, keeping the archive's owners
+    /// unless `--chown` is given (as docker's untar does). Returns None when the file is no
+    /// archive (a compressed non-tar file is copied as it is); otherwise the entries and the
+    /// staging directory holding their content, to be kept until the layer is packed.
+    fn add_archive(
+        &self,
+        source: &Path,
+        dest_dir: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Option<ExtractedArchive>, String> {
+        let open = || {
+            let file =
+                std::fs::File::open(source).map_err(|e| format!("{}: {e}", source.display()))?;
+            crate::layer::decompress(file).map_err(|e| format!("{}: {e}", source.display()))
+        };
+        let (_, mut reader) = open()?;
+        let mut head = [0u8; 512];
         let mut n = 0;
         while n < head.len() {
             match std::io::Read::read(&mut reader, &mut head[n..]) {
                 Ok(0) => break,
                 Ok(k) => n += k,
+                // Not a readable stream in its apparent compression: no archive, copied.
                 Err(_) => return Ok(None),
             }
         }
-        if n < 512 || &head[257..262] != b"ustar" {
+        if n < head.len() || !crate::layer::looks_like_tar(&head) {
             return Ok(None);
         }
-        let file = std::fs::File::open(source).map_err(|e| e.to_string())?;
-        let (_, reader) = crate::layer::decompress(file).map_err(|e| e.to_string())?;
+        // The directories the archive lists, to tell them from those it only implies.
+        let mut listed = std::collections::HashSet::new();
+        let (_, reader) = open()?;
+        let mut archive = tar::Archive::new(reader);
+        let bad = |e: std::io::Error| format!("ADD {}: {e}", source.display());
+        for entry in archive.entries().map_err(bad)? {
+            let entry = entry.map_err(bad)?;
+            if entry.header().entry_type() == tar::EntryType::Directory {
+                let name = entry.path().map_err(bad)?.to_string_lossy().to_string();
+                listed.insert(config::clean_path(&format!("/{name}")));
+            }
+        }
+        let (_, reader) = open()?;
         let tmp = self.store.tmp_dir();
         std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
         let staging =
             tempfile::Builder::new().prefix("add-").tempdir_in(&tmp).map_err(|e| e.to_string())?;
         crate::layer::extract_layer(reader, staging.path(), crate::layer::ExtractMode::Apply)
             .map_err(|e| format!("ADD {}: {e}", source.display()))?;
-        // The archive lands in the directory the file would have been copied into.
-        let dest_dir = Path::new(&item.target)
-            .parent()
-            .map(|p| p.to_string_lossy().to_string())
-            .unwrap_or_else(|| "/".into());
         let mut entries = crate::layer::directory_entries(staging.path(), &Default::default())
             .map_err(|e| e.to_string())?;
+        // Entries come as absolute paths of the staging tree; move them under `dest_dir`.
+        let rebase = |p: &Path| {
+            PathBuf::from(strip_root(&join_abs(dest_dir, &strip_root(&p.to_string_lossy()))))
+        };
+        let mut implied_dirs = std::collections::HashSet::new();
         for e in &mut entries {
-            e.path = Path::new(&strip_root(&dest_dir)).join(&e.path);
+            if e.kind == crate::layer::EntryKind::Dir
+                && !listed.contains(&config::clean_path(&e.path.to_string_lossy()))
+            {
+                implied_dirs.insert(rebase(&e.path).to_string_lossy().to_string());
+            }
+            e.path = rebase(&e.path);
+            if let crate::layer::EntryKind::Hardlink { target } = &mut e.kind {
+                *target = rebase(target);
+            }
+            if let Some((uid, gid)) = owner {
+                e.uid = uid;
+                e.gid = gid;
+            }
         }
-        // Keep the staging directory alive until packing: host files are read then.
-        let keep = staging.keep();
-        self.flattened_keepalive(keep);
-        Ok(Some(entries))
-    }
-
-    fn flattened_keepalive(&self, dir: PathBuf) {
-        // Removed with the store's tmp sweep; kept until the layer is packed.
-        tracing::debug!(dir = %dir.display(), "ADD staging directory");
+        Ok(Some(ExtractedArchive { entries, implied_dirs, staging }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -735,18 +904,22 @@ impl Executor<'_> {
             Command::Exec(v) => v.clone(),
             Command::Shell(s) => {
                 let mut argv = shell.clone();
-                // `RUN <<EOF` alone runs the here-document as the script; otherwise the shell
-                // gets the whole text and handles the here-documents itself.
-                let trimmed = s.trim();
-                if heredocs.len() == 1 && trimmed.starts_with("<<") && !trimmed.contains(' ') {
-                    argv.push(heredocs[0].body.clone());
-                } else if heredocs.is_empty() {
-                    argv.push(s.clone());
-                } else {
-                    let full = df.file.text[ins.span.clone()].to_string();
-                    let body =
-                        full.split_once(char::is_whitespace).map(|(_, b)| b).unwrap_or_default();
-                    argv.push(strip_run_flags(body));
+                // `RUN <<EOF` alone runs the here-document as the script; `RUN <<EOF cmd`
+                // feeds it to `cmd` on stdin, through the shell's own here-document.
+                match heredocs {
+                    [] => argv.push(s.clone()),
+                    [doc] if s.trim().is_empty() => argv.push(doc.body.clone()),
+                    [doc] => {
+                        let delim = "FERRY_HEREDOC_EOF";
+                        let quoted =
+                            if doc.expand { delim.to_string() } else { format!("'{delim}'") };
+                        argv.push(format!("{} <<{quoted}\n{}{delim}\n", s.trim(), doc.body));
+                    }
+                    _ => {
+                        return Err(err(
+                            "RUN with several here-documents is not supported yet".into()
+                        ))
+                    }
                 }
                 argv
             }
@@ -936,7 +1109,7 @@ impl Executor<'_> {
                         None => {
                             let tree = SourceTree::build_context(
                                 &ctx.image.context,
-                                Some(&ctx.image.dockerfile),
+                                Some(Path::new(&ctx.image.dockerfile_rel)),
                             )
                             .map_err(|e| e.to_string())?;
                             let src =
@@ -1116,52 +1289,143 @@ fn parse_trigger(text: &str, df: &Dockerfile) -> Result<Instruction, String> {
     Ok(ins)
 }
 
-/// A RUN's text without its `--flag` words, for the shell to run with its here-documents.
-fn strip_run_flags(body: &str) -> String {
-    let mut rest = body.trim_start();
-    while rest.starts_with("--") {
-        rest = rest.split_once(char::is_whitespace).map_or("", |(_, r)| r).trim_start();
-    }
-    rest.to_string()
-}
-
 fn strip_root(path: &str) -> String {
     path.trim_start_matches('/').to_string()
 }
 
-/// Where a named source lands: into `dest` when it is a directory (ends in `/`, or several
-/// sources), else at `dest` itself; relative to the working directory.
-fn resolve_dest(dest: &str, workdir: &str, name: &str, into_dir: bool) -> String {
-    let abs = if dest.starts_with('/') {
-        dest.to_string()
-    } else {
-        format!("{}/{dest}", workdir.trim_end_matches('/'))
-    };
-    if into_dir || abs.ends_with('/') {
-        config::clean_path(&format!("{}/{name}", abs.trim_end_matches('/')))
-    } else {
-        config::clean_path(&abs)
-    }
+/// A local archive ADD extracted, ready to become layer entries.
+struct ExtractedArchive {
+    /// Paths relative to the image root, under the destination.
+    entries: Vec<LayerEntry>,
+    /// Entry paths of directories the archive does not list but its files need.
+    implied_dirs: std::collections::HashSet<String>,
+    /// Holds the extracted files until the layer is packed.
+    staging: tempfile::TempDir,
 }
 
-/// Parent directories of `target` as layer entries (0755, owned by the copier).
-fn parent_dirs(target: &str, owner: Option<(u32, u32)>) -> Vec<LayerEntry> {
-    let (uid, gid) = owner.unwrap_or((0, 0));
-    let mut out = Vec::new();
-    let mut cur = Path::new(target).parent();
-    while let Some(p) = cur {
-        let s = strip_root(&p.to_string_lossy());
-        if s.is_empty() {
-            break;
+/// Whether a COPY destination is spelled as a directory (`dir/`, `.`, `dir/.`).
+fn dir_syntax(dest: &str) -> bool {
+    dest.is_empty() || dest == "." || dest.ends_with('/') || dest.ends_with("/.")
+}
+
+fn join_abs(dir: &str, name: &str) -> String {
+    config::clean_path(&format!("{}/{name}", dir.trim_end_matches('/')))
+}
+
+/// The file name an ADD download gets: the last segment of the URL's path, or BuildKit's
+/// `__unnamed__` when there is none.
+fn url_file_name(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.path_segments().and_then(|mut s| s.next_back().map(str::to_string)))
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .unwrap_or_else(|| "__unnamed__".to_string())
+}
+
+/// The entries of one COPY/ADD layer, checked against what the stage already has, as
+/// BuildKit's copier writes into the stage's filesystem:
+/// - a directory the copy has to create (a parent of a target, a destination ending in
+///   `/`, the directory a directory source's contents go into) is created 0755 (or the
+///   `--chmod` mode) owned by the `--chown` owner or root, and only if the stage does not
+///   have it: an existing directory keeps its mode and owner (a 0700 /root, an app-owned
+///   /home/app);
+/// - a directory *inside* a copied directory overwrites an existing one's metadata, and
+///   cannot replace a file or symlink of the stage ("cannot copy to non-directory");
+/// - a file cannot replace a directory of the stage.
+struct CopyLayer<'a> {
+    image: &'a ImagePaths,
+    owner: Option<(u32, u32)>,
+    chmod: Option<u32>,
+    /// By path without the leading `/`; later writes win.
+    entries: BTreeMap<String, LayerEntry>,
+}
+
+impl CopyLayer<'_> {
+    /// Create directory `path` (absolute) and its missing parents, keeping what exists.
+    fn created_dir(&mut self, path: &str) -> Result<(), String> {
+        let mut prefix = String::new();
+        for component in path.split('/').filter(|c| !c.is_empty()) {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(component);
+            if let Some(planned) = self.entries.get(&prefix) {
+                if planned.kind == crate::layer::EntryKind::Dir {
+                    continue;
+                }
+                return Err(format!(
+                    "cannot create directory /{prefix}: this copy writes a file there"
+                ));
+            }
+            match self.image.get(&prefix).map(|i| &i.kind) {
+                Some(rootfs::PathKind::Dir) => continue,
+                Some(_) => {
+                    return Err(format!(
+                        "cannot create directory /{prefix}: the image has a file or symlink there"
+                    ))
+                }
+                None => {}
+            }
+            let (uid, gid) = self.owner.unwrap_or((0, 0));
+            let entry = LayerEntry::dir(prefix.clone())
+                .with_mode(self.chmod.unwrap_or(0o755))
+                .with_owner(uid, gid);
+            self.entries.insert(prefix.clone(), entry);
         }
-        out.push(LayerEntry::dir(s).with_mode(0o755).with_owner(uid, gid));
-        cur = p.parent();
+        Ok(())
     }
-    out
+
+    /// Write one entry whose parents exist (or are planned).
+    fn put(&mut self, entry: LayerEntry) -> Result<(), String> {
+        let path = strip_root(&entry.path.to_string_lossy());
+        let is_dir = entry.kind == crate::layer::EntryKind::Dir;
+        match self.image.get(&path).map(|i| &i.kind) {
+            Some(rootfs::PathKind::Dir) if !is_dir => {
+                return Err(format!("cannot replace directory /{path} of the image with a file"))
+            }
+            Some(k) if is_dir && *k != rootfs::PathKind::Dir => {
+                return Err(format!("cannot copy to non-directory: /{path}"))
+            }
+            _ => {}
+        }
+        if !is_dir {
+            let below = format!("{path}/");
+            let hidden: Vec<String> = self
+                .entries
+                .range(below.clone()..)
+                .take_while(|(p, _)| p.starts_with(&below))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in hidden {
+                self.entries.remove(&p);
+            }
+        }
+        self.entries.insert(path, entry);
+        Ok(())
+    }
+
+    /// A generated file (here-document, download) with its owner and parents.
+    fn file(&mut self, entry: LayerEntry) -> Result<(), String> {
+        if let Some(parent) = entry.path.parent() {
+            self.created_dir(&parent.to_string_lossy())?;
+        }
+        let (uid, gid) = self.owner.unwrap_or((0, 0));
+        self.put(entry.with_owner(uid, gid))
+    }
+
+    /// One item of a mapped selection.
+    fn item(&mut self, item: &CopyItem, keep_owner: bool) -> Result<(), String> {
+        match item.kind {
+            CopyKind::ParentDir => self.created_dir(&item.target),
+            CopyKind::Dir if item.keep_existing => self.created_dir(&item.target),
+            _ => self.put(copy_entry(item, self.owner, self.chmod, keep_owner)?),
+        }
+    }
 }
 
-/// One COPY item as a layer entry. From the build context, owners become 0:0 unless
-/// `--chown`; from another stage or image they are kept (as docker does).
+/// One copied file, directory or symlink as a layer entry. From the build context, owners
+/// become 0:0 unless `--chown`; from another stage or image they are kept (as docker does).
+/// `--chmod` applies to files and directories, never to symlinks.
 fn copy_entry(
     item: &CopyItem,
     owner: Option<(u32, u32)>,
@@ -1171,13 +1435,10 @@ fn copy_entry(
     let path = strip_root(&item.target);
     let (uid, gid) = owner.unwrap_or(if keep_owner { (item.uid, item.gid) } else { (0, 0) });
     let entry = match (&item.kind, &item.source) {
-        (CopyKind::ParentDir, _) => {
-            return Ok(LayerEntry::dir(path).with_mode(0o755).with_owner(uid, gid))
-        }
         (CopyKind::Symlink, _) => {
             LayerEntry::symlink(path, item.link_target.clone().unwrap_or_default())
         }
-        (CopyKind::Dir, _) => LayerEntry::dir(path),
+        (CopyKind::Dir | CopyKind::ParentDir, _) => LayerEntry::dir(path),
         (CopyKind::File, Some(src)) => LayerEntry::host_file(path, src.clone()),
         (CopyKind::File, None) => return Err(format!("{}: no source file", item.target)),
     };
@@ -1189,28 +1450,29 @@ fn copy_entry(
     Ok(entry.with_mode(mode).with_owner(uid, gid))
 }
 
-/// Keep the last entry for each path (a later source overwrites an earlier one), in order.
-fn dedup_entries(entries: &mut Vec<LayerEntry>) {
-    let mut seen = std::collections::HashSet::new();
-    let mut out: Vec<LayerEntry> = Vec::with_capacity(entries.len());
-    for e in entries.drain(..).rev() {
-        if seen.insert(e.path.clone()) {
-            out.push(e);
-        }
-    }
-    out.reverse();
-    *entries = out;
-}
-
-/// Fetch an ADD URL (https, or http), checking `--checksum=sha256:…` when given.
+/// Fetch an ADD URL (https, or http), checking `--checksum=sha256:…` when given. https
+/// servers are verified against the system's CA store (rustls with the platform verifier),
+/// so a private CA is trusted by installing it on the build machine.
 fn download(url: &str, checksum: Option<&str>) -> Result<Vec<u8>, String> {
-    let response = reqwest::blocking::get(url).map_err(|e| format!("ADD {url}: {e}"))?;
+    // A malformed checksum is an error before any network traffic.
+    let expected: Option<Digest> =
+        checksum.map(|c| c.parse().map_err(|e| format!("ADD --checksum={c}: {e}"))).transpose()?;
+    // reqwest's top-level message ("error sending request") hides the cause: show the chain.
+    let describe = |e: reqwest::Error| {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        format!("ADD {url}: {message}")
+    };
+    let response = reqwest::blocking::get(url).map_err(describe)?;
     if !response.status().is_success() {
         return Err(format!("ADD {url}: the server answered {}", response.status()));
     }
-    let bytes = response.bytes().map_err(|e| format!("ADD {url}: {e}"))?.to_vec();
-    if let Some(expected) = checksum {
-        let expected: Digest = expected.parse().map_err(|e| format!("ADD --checksum: {e}"))?;
+    let bytes = response.bytes().map_err(describe)?.to_vec();
+    if let Some(expected) = expected {
         let actual = Digest::of(&bytes);
         if actual != expected {
             return Err(format!("ADD {url}: checksum mismatch: expected {expected}, got {actual}"));

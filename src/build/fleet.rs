@@ -74,6 +74,9 @@ pub fn build_fleet(
     on_event: &(dyn Fn(FleetEvent<'_>) + Sync),
 ) -> Result<BuildReport, CacheError> {
     let started = Instant::now();
+    // Blobs written by this build are named (cache entries, refs) only later: keep a
+    // concurrent prune from collecting them in between.
+    let _gc = store.gc_guard()?;
     let cache = CacheIndex::open(store)?;
     let stat_cache = StatCache::load(&store.state_dir("context")?.join("stat-cache.json"));
     let progress = |image: &str, event: ProgressEvent<'_>| match event {
@@ -191,8 +194,8 @@ fn tag(
         names.push(format!("{}:{}", image.repository, v.to_string().replace('+', "_")));
     }
     names.push(format!("{}:latest", image.repository));
-    for n in &names {
-        store.set_ref(n, &built.manifest)?;
-    }
+    let refs: Vec<(String, crate::oci::Descriptor)> =
+        names.iter().map(|n| (n.clone(), built.manifest.clone())).collect();
+    store.set_refs(&refs)?;
     Ok(names)
 }

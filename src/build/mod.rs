@@ -2,6 +2,7 @@
 //! the stage executor runs each Dockerfile instruction with cache keys as BuildKit derives
 //! them (DESIGN.md sections 6–8).
 
+pub mod bases;
 pub mod cache;
 pub mod config;
 pub mod executor;
@@ -32,4 +33,6 @@ pub struct BuildOptions {
     pub build_args: BTreeMap<String, String>,
     /// `--secret` values by id; never logged, never in a layer or key.
     pub secrets: BTreeMap<String, Vec<u8>>,
+    /// External bases by the reference the Dockerfiles use, pinned before the build.
+    pub bases: BTreeMap<String, crate::oci::Descriptor>,
 }

@@ -87,6 +87,197 @@ pub fn flatten(store: &Store, layers: &[Descriptor], dest: &Path) -> Result<(), 
     Ok(())
 }
 
+/// What a path of an image is, as COPY needs to know it before writing over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathKind {
+    Dir,
+    File,
+    Symlink(String),
+    /// A device or fifo.
+    Special,
+}
+
+/// The type, mode and owner of one path of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    pub kind: PathKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The most symlinks followed while resolving one path (Linux's `MAXSYMLINKS`).
+const MAX_SYMLINKS: usize = 40;
+
+/// Every path of an image with its type and metadata, read from the layers' tar headers
+/// (contents are streamed past, never written to disk), whiteouts applied as overlayfs
+/// would. COPY consults it to copy *into* an existing directory, to follow the image's
+/// symlinks on the way to the destination, and to leave existing directories alone.
+#[derive(Debug, Clone, Default)]
+pub struct ImagePaths {
+    /// Keyed by normalised path (`a/b/c`, "" is the root).
+    paths: std::collections::BTreeMap<String, PathInfo>,
+}
+
+impl ImagePaths {
+    /// Index the image made of `layers` (bottom first).
+    pub fn read(store: &Store, layers: &[Descriptor]) -> Result<ImagePaths, RootfsError> {
+        let mut image = ImagePaths::default();
+        for desc in layers {
+            let err = |source| RootfsError::Read { digest: desc.digest.to_string(), source };
+            let blob = store.open_blob(&desc.digest)?;
+            let (_, tar) = decompress(blob).map_err(err)?;
+            let mut archive = tar::Archive::new(tar);
+            // Whiteouts hide what lower layers hold, never what this layer adds: collect the
+            // layer first, apply its whiteouts, then its entries.
+            let mut deleted = Vec::new();
+            let mut opaque = Vec::new();
+            let mut added = Vec::new();
+            for entry in archive.entries().map_err(err)? {
+                let entry = entry.map_err(err)?;
+                let name = normalise(&entry.path().map_err(err)?.to_string_lossy());
+                let (dir, base) = name.rsplit_once('/').unwrap_or(("", name.as_str()));
+                if base == ".wh..wh..opq" {
+                    opaque.push(dir.to_string());
+                    continue;
+                }
+                if let Some(gone) = base.strip_prefix(".wh.") {
+                    deleted.push(if dir.is_empty() {
+                        gone.to_string()
+                    } else {
+                        format!("{dir}/{gone}")
+                    });
+                    continue;
+                }
+                let header = entry.header();
+                let kind = match header.entry_type() {
+                    tar::EntryType::Directory => PathKind::Dir,
+                    tar::EntryType::Symlink => PathKind::Symlink(
+                        entry
+                            .link_name()
+                            .map_err(err)?
+                            .map(|l| l.to_string_lossy().to_string())
+                            .unwrap_or_default(),
+                    ),
+                    tar::EntryType::Regular
+                    | tar::EntryType::Continuous
+                    | tar::EntryType::Link
+                    | tar::EntryType::GNUSparse => PathKind::File,
+                    _ => PathKind::Special,
+                };
+                let info = PathInfo {
+                    kind,
+                    mode: header.mode().map_err(err)? & 0o7777,
+                    uid: header.uid().map_err(err)? as u32,
+                    gid: header.gid().map_err(err)? as u32,
+                };
+                added.push((name, info));
+            }
+            for dir in opaque {
+                image.remove_below(&dir);
+            }
+            for path in deleted {
+                image.remove_below(&path);
+                image.paths.remove(&path);
+            }
+            for (path, info) in added {
+                image.insert(path, info);
+            }
+        }
+        Ok(image)
+    }
+
+    fn remove_below(&mut self, dir: &str) {
+        let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+        let below: Vec<String> = self
+            .paths
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .filter(|(p, _)| !p.is_empty())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in below {
+            self.paths.remove(&p);
+        }
+    }
+
+    fn insert(&mut self, path: String, info: PathInfo) {
+        if path.is_empty() {
+            return;
+        }
+        if info.kind != PathKind::Dir {
+            // A file over a directory hides the directory's whole subtree.
+            self.remove_below(&path);
+        }
+        // Directories an archive only implies exist once it is extracted.
+        let mut cur = path.as_str();
+        while let Some((parent, _)) = cur.rsplit_once('/') {
+            self.paths.entry(parent.to_string()).or_insert(PathInfo {
+                kind: PathKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            });
+            cur = parent;
+        }
+        self.paths.insert(path, info);
+    }
+
+    /// What is at absolute path `path` (not following a final symlink); the root is a
+    /// directory.
+    pub fn get(&self, path: &str) -> Option<&PathInfo> {
+        const ROOT: PathInfo = PathInfo { kind: PathKind::Dir, mode: 0o755, uid: 0, gid: 0 };
+        let key = normalise(path);
+        if key.is_empty() {
+            return Some(&ROOT);
+        }
+        self.paths.get(&key)
+    }
+
+    /// Whether absolute `path` is a directory of the image (not following symlinks).
+    pub fn is_dir(&self, path: &str) -> bool {
+        self.get(path).is_some_and(|i| i.kind == PathKind::Dir)
+    }
+
+    /// Absolute `path` with every symlink on it followed as inside the container (`/` and
+    /// `..` stop at the image's root), the last component included, as BuildKit resolves a
+    /// COPY destination. Components that do not exist are kept as written.
+    pub fn resolve(&self, path: &str) -> Result<String, String> {
+        let mut pending: std::collections::VecDeque<String> =
+            path.split('/').filter(|c| !c.is_empty()).map(str::to_string).collect();
+        let mut current: Vec<String> = Vec::new();
+        let mut links = 0;
+        while let Some(component) = pending.pop_front() {
+            match component.as_str() {
+                "." => continue,
+                ".." => {
+                    current.pop();
+                    continue;
+                }
+                _ => current.push(component),
+            }
+            let Some(PathInfo { kind: PathKind::Symlink(target), .. }) =
+                self.paths.get(&current.join("/"))
+            else {
+                continue;
+            };
+            links += 1;
+            if links > MAX_SYMLINKS {
+                return Err(format!("{path}: too many levels of symbolic links in the image"));
+            }
+            current.pop();
+            if target.starts_with('/') {
+                current.clear();
+            }
+            let mut rest: Vec<String> =
+                target.split('/').filter(|c| !c.is_empty()).map(str::to_string).collect();
+            rest.extend(pending.drain(..));
+            pending = rest.into();
+        }
+        Ok(format!("/{}", current.join("/")))
+    }
+}
+
 /// Reads one file of an image by absolute path (None: it does not exist).
 pub type ReadFile<'a> = dyn FnMut(&str) -> Result<Option<Vec<u8>>, RootfsError> + 'a;
 
@@ -148,6 +339,31 @@ fn lookup(file: &[u8], name: &str) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_paths_follow_links_and_whiteouts() {
+        let mut image = ImagePaths::default();
+        let dir = |mode| PathInfo { kind: PathKind::Dir, mode, uid: 0, gid: 0 };
+        let link =
+            |t: &str| PathInfo { kind: PathKind::Symlink(t.into()), mode: 0o777, uid: 0, gid: 0 };
+        image.insert("etc".into(), dir(0o755));
+        image.insert("run".into(), dir(0o755));
+        image.insert("var/run".into(), link("/run"));
+        image.insert("var/lock".into(), link("../run/lock"));
+        image.insert("loop".into(), link("loop"));
+        assert!(image.is_dir("/var"), "implied parents are directories");
+        assert!(image.is_dir("/etc/"));
+        assert!(image.is_dir("/"));
+        assert_eq!(image.resolve("/var/run/x").unwrap(), "/run/x");
+        assert_eq!(image.resolve("/var/lock").unwrap(), "/run/lock");
+        assert_eq!(image.resolve("/../etc/./x/..").unwrap(), "/etc");
+        assert!(image.resolve("/loop/x").is_err());
+        image.insert("etc".into(), PathInfo { kind: PathKind::File, mode: 0o644, uid: 0, gid: 0 });
+        assert!(!image.is_dir("/etc"));
+        image.remove_below("var");
+        assert!(image.get("/var/run").is_none());
+        assert!(image.is_dir("/var"));
+    }
 
     #[test]
     fn owners_resolve_by_number_and_name() {

@@ -31,6 +31,9 @@ pub struct BuildArgs {
     /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or `id=ID,env=VAR`.
     #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
     pub secrets: Vec<String>,
+    /// Pull every external base again, even when the store has it.
+    #[arg(long)]
+    pub pull: bool,
     /// Also write the built images to `oci:DIR` (an OCI layout) or `docker:FILE` (a
     /// docker-archive for `docker load`).
     #[arg(long, value_name = "oci:DIR|docker:FILE")]
@@ -56,6 +59,7 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
         .map(|s| load_secret(s))
         .collect::<Result<BTreeMap<_, _>, _>>()
         .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
+    let bases = pin_bases(&manifest, &graph, &selected, &store, printer, args.pull)?;
     let options = BuildOptions {
         jobs: global
             .jobs
@@ -71,6 +75,7 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
         platform: ferry::oci::Platform::host().to_string(),
         build_args,
         secrets,
+        bases: bases.iter().map(|(r, b)| (r.clone(), b.descriptor.clone())).collect(),
     };
     let sandbox =
         ferry::sandbox::NamespaceSandbox::new(std::env::current_exe().map_err(|e| {
@@ -94,7 +99,9 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
             .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
     }
     if printer.json {
-        printer.json(&serde_json::to_value(&report).unwrap_or_default());
+        let mut value = serde_json::to_value(&report).unwrap_or_default();
+        value["bases"] = serde_json::to_value(&bases).unwrap_or_default();
+        printer.json(&value);
     } else {
         let mut text = String::new();
         for img in &report.images {
@@ -144,6 +151,33 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
         return Ok(ExitStatus::Failure);
     }
     Ok(ExitStatus::Success)
+}
+
+/// External bases of the selected images, pulled (through mirrors) when the store lacks
+/// them, and pinned by digest before anything runs.
+pub(super) fn pin_bases(
+    manifest: &Manifest,
+    graph: &ferry::graph::Graph,
+    selected: &std::collections::BTreeSet<String>,
+    store: &ferry::store::Store,
+    printer: &Printer,
+    always_pull: bool,
+) -> Result<BTreeMap<String, ferry::build::bases::PinnedBase>, CliError> {
+    let external: std::collections::BTreeSet<String> = graph
+        .build_order()
+        .into_iter()
+        .filter(|n| selected.contains(&n.name))
+        .flat_map(|n| n.external_bases.iter().cloned())
+        .collect();
+    let registry = ferry::registry::RegistryClient::new(
+        ferry::registry::RegistryConfig::for_manifest(manifest),
+    );
+    let bases = ferry::build::bases::ensure_bases(store, Some(&registry), &external, always_pull)
+        .map_err(|e| CliError::invalid(miette::miette!("{e}")))?;
+    for b in bases.values().filter(|b| b.pulled) {
+        printer.status(&format!("pulled {} ({})", b.reference, b.descriptor.digest));
+    }
+    Ok(bases)
 }
 
 fn parse_output(s: &str) -> Result<(String, PathBuf), String> {

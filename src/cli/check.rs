@@ -7,7 +7,6 @@ use clap::Args;
 use ferry::manifest::Environment;
 use ferry::registry::{Registry, RegistryClient};
 use ferry::release::policy::{self, Rule, Violation};
-use ferry::release::registry_config;
 use serde::Serialize;
 
 use super::fleet::{graph_error, load_graph, load_manifest, parse_build_arg};
@@ -86,7 +85,7 @@ pub fn run(global: &GlobalArgs, args: CheckArgs, printer: &Printer) -> CliResult
     if let Some(env) = args.env.as_deref().map(|e| environment(&manifest, e)).transpose()? {
         let fleet = Selection { manifest: &manifest, graph: &graph, selected: &selected };
         let built = build_for_env(global, printer, &fleet, env, true, build_args)?;
-        let client = RegistryClient::new(registry_config(&manifest));
+        let client = RegistryClient::new(ferry::registry::RegistryConfig::for_manifest(&manifest));
         for (name, result) in &built.images {
             let Some(version) = manifest.images.get(name).and_then(|i| i.version.as_ref()) else {
                 continue;

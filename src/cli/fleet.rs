@@ -66,3 +66,16 @@ pub fn export(
             .map_err(|e| e.to_string()),
     }
 }
+
+/// The store, only if it already exists (commands that only read must not create it).
+pub fn open_store_if_exists(global: &GlobalArgs) -> Result<ferry::store::Store, CliError> {
+    let root = match &global.store {
+        Some(p) => p.clone(),
+        None => ferry::store::Store::default_root()
+            .map_err(|e| CliError::invalid(miette::miette!("{e}")))?,
+    };
+    if !root.join("oci-layout").exists() {
+        return Err(CliError::invalid(miette::miette!("no store at {}", root.display())));
+    }
+    ferry::store::Store::open(&root).map_err(|e| CliError::invalid(miette::miette!("{e}")))
+}

@@ -13,7 +13,22 @@ mod fleet;
 mod graph;
 mod output;
 mod plan;
+// Image management and registry commands (store/registry).
+mod cache;
+mod history;
+mod images;
+mod inspect;
+mod load;
+mod login;
+mod prune;
+mod pull;
 mod push;
+mod rmi;
+mod save;
+mod tag;
+// Releases.
+mod promote;
+mod registries;
 
 pub use output::Printer;
 
@@ -42,6 +57,9 @@ pub struct CliError {
 impl CliError {
     pub fn invalid(report: impl Into<miette::Report>) -> CliError {
         CliError { status: ExitStatus::Invalid, report: report.into() }
+    }
+    pub fn failure(report: impl Into<miette::Report>) -> CliError {
+        CliError { status: ExitStatus::Failure, report: report.into() }
     }
 }
 
@@ -99,10 +117,34 @@ pub enum Command {
     Graph(graph::GraphArgs),
     /// Build the fleet (or the named images and their ancestors).
     Build(build::BuildArgs),
+    /// Fetch an image from a registry into the store.
+    Pull(pull::PullArgs),
+    /// List local images.
+    Images(images::ImagesArgs),
+    /// Show an image's digest, config, layers and sizes as JSON.
+    Inspect(inspect::InspectArgs),
+    /// Show an image's build steps.
+    History(history::HistoryArgs),
+    /// Give a local image another name.
+    Tag(tag::TagArgs),
+    /// Untag images; delete an image when its last name goes.
+    Rmi(rmi::RmiArgs),
+    /// Remove images and blobs nothing names.
+    Prune(prune::PruneArgs),
+    /// Write images to a docker (or OCI) archive.
+    Save(save::SaveArgs),
+    /// Read images from a docker or OCI archive.
+    Load(load::LoadArgs),
+    /// Store credentials for a registry in docker's config.json.
+    Login(login::LoginArgs),
+    /// Inspect and maintain the store.
+    Cache(cache::CacheArgs),
     /// Build, upload and tag the images for an environment (tags move only once every image is uploaded).
     Push(push::PushArgs),
     /// Check the semantic-version policy (for CI): semver, release_only, bumps.
     Check(check::CheckArgs),
+    /// Copy images from one environment to another by digest, then apply its tags.
+    Promote(promote::PromoteArgs),
 }
 
 /// Parse arguments, run the command, print errors, return the process exit code.
@@ -144,8 +186,20 @@ fn run(cli: Cli, printer: &Printer) -> CliResult {
         Command::Plan(args) => plan::run(&cli.global, args, printer),
         Command::Graph(args) => graph::run(&cli.global, args, printer),
         Command::Build(args) => build::run(&cli.global, args, printer),
+        Command::Pull(args) => pull::run(&cli.global, args, printer),
+        Command::Images(args) => images::run(&cli.global, args, printer),
+        Command::Inspect(args) => inspect::run(&cli.global, args, printer),
+        Command::History(args) => history::run(&cli.global, args, printer),
+        Command::Tag(args) => tag::run(&cli.global, args, printer),
+        Command::Rmi(args) => rmi::run(&cli.global, args, printer),
+        Command::Prune(args) => prune::run(&cli.global, args, printer),
+        Command::Save(args) => save::run(&cli.global, args, printer),
+        Command::Load(args) => load::run(&cli.global, args, printer),
+        Command::Login(args) => login::run(&cli.global, args, printer),
+        Command::Cache(args) => cache::run(&cli.global, args, printer),
         Command::Push(args) => push::run(&cli.global, args, printer),
         Command::Check(args) => check::run(&cli.global, args, printer),
+        Command::Promote(args) => promote::run(&cli.global, args, printer),
     }
 }
 

@@ -7,11 +7,12 @@ use super::GlobalArgs;
 
 pub struct Printer {
     pub json: bool,
+    pub quiet: bool,
 }
 
 impl Printer {
     pub fn new(global: &GlobalArgs) -> Printer {
-        Printer { json: global.json }
+        Printer { json: global.json, quiet: global.quiet }
     }
 
     /// A command's text result on stdout.
@@ -28,6 +29,18 @@ impl Printer {
         let mut out = std::io::stdout().lock();
         let _ = serde_json::to_writer_pretty(&mut out, value);
         let _ = out.write_all(b"\n");
+    }
+
+    /// A status line on stderr (suppressed by -q).
+    pub fn status(&self, line: &str) {
+        if !self.quiet {
+            eprintln!("{line}");
+        }
+    }
+
+    /// A warning on stderr.
+    pub fn warn(&self, line: &str) {
+        eprintln!("warning: {line}");
     }
 
     /// A failure, rendered as a miette diagnostic on stderr.

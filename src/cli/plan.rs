@@ -27,7 +27,19 @@ pub fn run(global: &GlobalArgs, args: PlanArgs, printer: &Printer) -> CliResult 
     let selected =
         graph.select(&args.images, args.with_dependents).map_err(|e| graph_error(&manifest, e))?;
     let info = SourceInfo::discover(&manifest.root);
-    let plan = Plan::new(&manifest, &graph, &selected, args.env.as_deref(), &info)
+    // Bases the store already has are shown with the digest a build would use; plan never
+    // touches the network.
+    let mut pins = std::collections::BTreeMap::new();
+    if let Ok(store) = super::fleet::open_store_if_exists(global) {
+        for node in graph.build_order() {
+            for r in &node.external_bases {
+                if let Ok(resolved) = store.resolve(r) {
+                    pins.insert(r.clone(), resolved.descriptor.digest.to_string());
+                }
+            }
+        }
+    }
+    let plan = Plan::new(&manifest, &graph, &selected, args.env.as_deref(), &info, &pins)
         .map_err(|e| CliError::invalid(miette::Report::msg(e.to_string())))?;
     if printer.json {
         printer.json(&serde_json::to_value(&plan).unwrap_or_default());

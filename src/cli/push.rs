@@ -10,12 +10,12 @@ use ferry::manifest::{Environment, Manifest};
 use ferry::plan::{Plan, SourceInfo};
 use ferry::reference::{Reference, Repository};
 use ferry::registry::RegistryClient;
+use ferry::release::layer_compression;
 use ferry::release::push::{
     self, BlobAction, ImageSource, PushEvent, PushImage, PushOptions, PushPlan, PushReport,
     PushStatus, TagAction,
 };
 use ferry::release::variants::{PushableManifest, Variants};
-use ferry::release::{layer_compression, registry_config};
 use ferry::store::Store;
 
 use super::build::{human_size, source_date_epoch, Progress};
@@ -95,6 +95,7 @@ pub(super) fn build_for_env(
 ) -> Result<BuiltForEnv, CliError> {
     let Selection { manifest, graph, selected } = *fleet;
     let store = open_store(global)?;
+    let bases = super::build::pin_bases(manifest, graph, selected, &store, printer, false)?;
     let options = BuildOptions {
         jobs: jobs(global),
         no_cache: false,
@@ -104,6 +105,7 @@ pub(super) fn build_for_env(
         platform: ferry::oci::Platform::host().to_string(),
         build_args,
         secrets: BTreeMap::new(),
+        bases: bases.into_iter().map(|(r, b)| (r, b.descriptor)).collect(),
     };
     let sandbox = ferry::sandbox::NamespaceSandbox::new(
         std::env::current_exe()
@@ -164,7 +166,8 @@ pub fn run(global: &GlobalArgs, args: PushArgs, printer: &Printer) -> CliResult 
     let graph = load_graph(&manifest, &build_args)?;
     let selected = graph.select(&args.images, false).map_err(|e| graph_error(&manifest, e))?;
     let info = SourceInfo::discover(&manifest.root);
-    let plan = Plan::new(&manifest, &graph, &selected, Some(&env.name), &info).map_err(invalid)?;
+    let plan = Plan::new(&manifest, &graph, &selected, Some(&env.name), &info, &BTreeMap::new())
+        .map_err(invalid)?;
     if env.release_only {
         let pre: Vec<String> = plan
             .images
@@ -204,7 +207,7 @@ pub fn run(global: &GlobalArgs, args: PushArgs, printer: &Printer) -> CliResult 
         });
     }
 
-    let client = RegistryClient::new(registry_config(&manifest));
+    let client = RegistryClient::new(ferry::registry::RegistryConfig::for_manifest(&manifest));
     let push_plan =
         push::plan(&client, &env.name, env.immutable, images, jobs(global)).map_err(invalid)?;
     if args.dry_run {

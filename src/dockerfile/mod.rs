@@ -162,7 +162,11 @@ impl Dockerfile {
                 .with_help("a Dockerfile starts with FROM, optionally after ARG lines")],
             })));
         }
-        let parsed = pd::parse(&text).map_err(|e| {
+        // The parser reads a RUN here-document only at the start of the command; the others
+        // (`RUN cat <<EOF > f`, several here-documents) are taken out here, their lines
+        // masked as comments so that line numbers stay, and given back to the RUN whole.
+        let (masked, shell_heredocs) = mask_run_heredocs(&text);
+        let parsed = pd::parse(&masked).map_err(|e| {
             let span = file.line_span(e.line().max(1));
             let at = span.start + e.column().saturating_sub(1).min(span.len());
             DockerfileError::Syntax(Box::new(Problems {
@@ -173,7 +177,7 @@ impl Dockerfile {
         })?;
         let escape = parsed.parser_directives.escape.as_ref().map_or('\\', |d| d.value.value);
         let syntax = parsed.parser_directives.syntax.as_ref().map(|d| d.value.value.to_string());
-        let conv = Converter { file: &file, escape };
+        let conv = Converter { file: &file, escape, shell_heredocs: &shell_heredocs };
         let mut global_args = Vec::new();
         let mut stages: Vec<Stage> = Vec::new();
         for ins in &parsed.instructions {
@@ -285,6 +289,8 @@ impl DockerfileError {
 struct Converter<'a> {
     file: &'a SourceFile,
     escape: char,
+    /// RUN commands with here-documents the shell handles, by the line of their RUN.
+    shell_heredocs: &'a std::collections::BTreeMap<usize, String>,
 }
 
 impl Converter<'_> {
@@ -431,7 +437,10 @@ impl Converter<'_> {
                 command_end(&r.arguments),
                 Kind::Run {
                     flags: self.flags(&r.options),
-                    command: self.command(&r.arguments),
+                    command: match self.shell_heredocs.get(&self.line(r.run.span.start)) {
+                        Some(full) => Command::Shell(full.clone()),
+                        None => self.command(&r.arguments),
+                    },
                     heredocs: r
                         .here_docs
                         .iter()
@@ -561,6 +570,85 @@ fn heredoc_names(line: &str) -> Vec<String> {
         .collect()
 }
 
+/// Find RUN lines whose here-documents the parser cannot take (not at the start of the
+/// command, or several): return the text with their bodies replaced by `#` lines, and per
+/// RUN line the command as the shell must see it (first line after the flags, then the
+/// here-document lines verbatim).
+fn mask_run_heredocs(text: &str) -> (String, std::collections::BTreeMap<usize, String>) {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let mut masked: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    let mut commands = std::collections::BTreeMap::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let trimmed = line.trim_start();
+        let is_run = trimmed.len() > 4 && trimmed[..4].eq_ignore_ascii_case("run ");
+        if !is_run {
+            i += 1;
+            continue;
+        }
+        // The command after `RUN` and its `--flags`.
+        let mut command = trimmed[4..].trim_start();
+        while command.starts_with("--") {
+            command = command.split_once(char::is_whitespace).map_or("", |(_, r)| r).trim_start();
+        }
+        let delimiters = heredoc_delimiters(command);
+        let parser_handles = delimiters.len() == 1 && command.starts_with("<<");
+        if delimiters.is_empty() || parser_handles {
+            i += 1;
+            continue;
+        }
+        let mut full = vec![command.to_string()];
+        let mut j = i + 1;
+        for (delim, strip_tabs) in &delimiters {
+            while j < lines.len() {
+                let body = lines[j];
+                full.push(body.to_string());
+                // Same byte length, so that the parser's offsets are offsets in the file.
+                masked[j] = if body.is_empty() {
+                    String::new()
+                } else {
+                    format!("#{}", " ".repeat(body.len() - 1))
+                };
+                j += 1;
+                let candidate = if *strip_tabs { body.trim_start_matches('\t') } else { body };
+                if candidate.trim_end_matches('\r') == delim {
+                    break;
+                }
+            }
+        }
+        commands.insert(i + 1, full.join("\n"));
+        i = j;
+    }
+    (masked.join("\n"), commands)
+}
+
+/// `<<EOF`, `<<-EOF`, `<<'EOF'`, `<<"EOF"` markers in a shell command, in order, with
+/// whether leading tabs are stripped (`<<-`). `<<<` (a here-string) is not one.
+fn heredoc_delimiters(command: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    let mut rest = command;
+    while let Some(pos) = rest.find("<<") {
+        let after = &rest[pos + 2..];
+        if after.starts_with('<') {
+            rest = after.trim_start_matches('<');
+            continue;
+        }
+        let (strip_tabs, after) = match after.strip_prefix('-') {
+            Some(a) => (true, a),
+            None => (false, after),
+        };
+        let after = after.trim_start_matches(['\'', '"']);
+        let word: String =
+            after.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !word.is_empty() {
+            out.push((word.clone(), strip_tabs));
+        }
+        rest = &after[word.len()..];
+    }
+    out
+}
+
 /// docker reports an instruction before the first FROM at its own line; the parser only says
 /// that FROM is missing, so look for it first.
 fn instruction_before_from(text: &str) -> Option<(usize, String)> {
@@ -666,6 +754,22 @@ mod tests {
         assert!(e.to_string().contains("FROM instruction"), "{e}");
         let e = parse("FROM a AS x\nFROM b AS x\n").unwrap_err();
         assert!(e.to_string().contains("Dockerfile:2:"), "{e}");
+    }
+
+    #[test]
+    fn heredocs_anywhere_in_a_run_go_to_the_shell_whole() {
+        let d = parse("FROM scratch\nRUN --network=none cat <<EOT > /f && cat <<-'B' >> /f\nline $X\nEOT\n\tb-line\nB\nENV A=1\n").unwrap();
+        let ins = &d.stages[0].instructions;
+        match &ins[0].kind {
+            Kind::Run { command: Command::Shell(s), flags, heredocs } => {
+                assert_eq!(s, "cat <<EOT > /f && cat <<-'B' >> /f\nline $X\nEOT\n\tb-line\nB");
+                assert_eq!(flags[0].name, "network");
+                assert!(heredocs.is_empty());
+            }
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(ins[1].line, 7, "line numbers after the here-documents are kept");
+        assert_eq!(heredoc_delimiters("a <<< x <<\"Q\" y"), vec![("Q".to_string(), false)]);
     }
 
     #[test]

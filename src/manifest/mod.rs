@@ -111,17 +111,42 @@ impl ManifestError {
 impl Manifest {
     /// Read and validate images.toml at `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        Manifest::load_with(path, ContextCheck::Required)
+    }
+
+    /// Read and validate images.toml for a command that never builds (promotion): build
+    /// contexts and Dockerfiles need not exist, as in a CI job that has only images.toml.
+    pub fn load_for_release(path: &Path) -> Result<Manifest, ManifestError> {
+        Manifest::load_with(path, ContextCheck::Skipped)
+    }
+
+    fn load_with(path: &Path, contexts: ContextCheck) -> Result<Manifest, ManifestError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
         let root = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        Manifest::from_source(SourceFile::new(path.display().to_string(), text), &root)
+        // Absolute, so that contexts stay valid for processes started elsewhere (the RUN
+        // sandbox binds context files by path).
+        let root = std::fs::canonicalize(&root).unwrap_or(root);
+        Manifest::validate_source(
+            SourceFile::new(path.display().to_string(), text),
+            &root,
+            contexts,
+        )
     }
 
     /// Validate images.toml text whose contexts are relative to `root`.
     pub fn from_source(file: SourceFile, root: &Path) -> Result<Manifest, ManifestError> {
+        Manifest::validate_source(file, root, ContextCheck::Required)
+    }
+
+    fn validate_source(
+        file: SourceFile,
+        root: &Path,
+        contexts: ContextCheck,
+    ) -> Result<Manifest, ManifestError> {
         let mut problems = Vec::new();
         let text = file.text.clone();
         let doc = match toml::de::DeTable::parse(&text) {
@@ -151,8 +176,8 @@ impl Manifest {
                 return Err(ManifestError::Invalid(Problems { file, problems }));
             }
         };
-        let manifest =
-            Validator { file: &file, root, problems: &mut problems }.validate(raw, &image_spans);
+        let manifest = Validator { file: &file, root, contexts, problems: &mut problems }
+            .validate(raw, &image_spans);
         if problems.is_empty() {
             Ok(manifest)
         } else {
@@ -168,9 +193,17 @@ impl Manifest {
     }
 }
 
+/// Whether build contexts and Dockerfiles must exist on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContextCheck {
+    Required,
+    Skipped,
+}
+
 struct Validator<'a> {
     file: &'a SourceFile,
     root: &'a Path,
+    contexts: ContextCheck,
     problems: &'a mut Vec<Problem>,
 }
 
@@ -204,7 +237,8 @@ impl Validator<'_> {
             let span = image_spans.get(name).cloned().unwrap_or(0..0);
             let context_rel = img.context.get_ref().clone();
             let context = self.root.join(&context_rel);
-            if !context.is_dir() {
+            let check = self.contexts == ContextCheck::Required;
+            if check && !context.is_dir() {
                 self.problem(
                     img.context.span(),
                     format!("image `{name}`: context directory `{context_rel}` does not exist"),
@@ -218,7 +252,7 @@ impl Validator<'_> {
             let dockerfile_rel =
                 img.dockerfile.as_ref().map_or("Dockerfile".to_string(), |d| d.get_ref().clone());
             let dockerfile = context.join(&dockerfile_rel);
-            if context.is_dir() && !dockerfile.is_file() {
+            if check && context.is_dir() && !dockerfile.is_file() {
                 let span = img.dockerfile.as_ref().map_or(img.context.span(), |d| d.span());
                 self.problem(
                     span,

@@ -29,9 +29,19 @@ use crate::reference::{Repository, DEFAULT_REGISTRY, DOCKER_HUB_API_HOST};
 
 /// Manifests are small; refuse to buffer anything larger.
 const MANIFEST_MAX: u64 = 16 * 1024 * 1024;
-/// Blobs up to this size are uploaded with one PUT; larger ones in PATCH chunks.
-const MONOLITHIC_MAX: u64 = 32 * 1024 * 1024;
-const CHUNK_SIZE: u64 = 16 * 1024 * 1024;
+
+/// How blobs are uploaded: one PUT up to `monolithic_max` bytes, else PATCH chunks.
+#[derive(Debug, Clone)]
+pub struct UploadPolicy {
+    pub monolithic_max: u64,
+    pub chunk_size: u64,
+}
+
+impl Default for UploadPolicy {
+    fn default() -> UploadPolicy {
+        UploadPolicy { monolithic_max: 32 * 1024 * 1024, chunk_size: 16 * 1024 * 1024 }
+    }
+}
 
 /// How often and how patiently to retry.
 #[derive(Debug, Clone)]
@@ -89,6 +99,7 @@ pub struct RegistryClient {
     auth: Mutex<HashMap<String, HostAuth>>,
     tokens: Mutex<HashMap<String, (Secret, Instant)>>,
     retry: RetryPolicy,
+    upload: UploadPolicy,
 }
 
 impl RegistryClient {
@@ -104,7 +115,13 @@ impl RegistryClient {
             auth: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             retry: RetryPolicy::default(),
+            upload: UploadPolicy::default(),
         }
+    }
+
+    pub fn with_upload_policy(mut self, upload: UploadPolicy) -> RegistryClient {
+        self.upload = upload;
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> RegistryClient {
@@ -699,8 +716,8 @@ impl RegistryClient {
             f.seek(SeekFrom::Start(offset))?;
             Ok(Body::sized(f.take(len), len))
         };
-        if size > MONOLITHIC_MAX {
-            let chunk = CHUNK_SIZE.max(min_chunk);
+        if size > self.upload.monolithic_max {
+            let chunk = self.upload.chunk_size.max(min_chunk).max(1);
             let mut offset = 0;
             while offset < size {
                 let len = chunk.min(size - offset);
@@ -784,7 +801,7 @@ impl Registry for RegistryClient {
             }
             let digest = header_str(resp.headers(), "docker-content-digest")
                 .and_then(|d| d.parse::<Digest>().ok());
-            let size = resp.content_length();
+            let size = header_len(resp.headers());
             match (digest, size) {
                 (Some(d), Some(s)) => {
                     let mt = header_str(resp.headers(), CONTENT_TYPE.as_str()).unwrap_or_default();
@@ -829,7 +846,7 @@ impl Registry for RegistryClient {
             true,
         )?;
         match resp.status() {
-            s if s.is_success() => Ok(Some(resp.content_length().unwrap_or(0))),
+            s if s.is_success() => Ok(Some(header_len(resp.headers()).unwrap_or(0))),
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(self.failure(&ep, format!("blob {digest}"), resp)),
         }
@@ -892,6 +909,80 @@ impl Registry for RegistryClient {
             }
             _ => Err(self.failure(&ep, format!("mount of blob {digest} from {}", from.path), resp)),
         }
+    }
+
+    fn try_mount_blob(
+        &self,
+        repo: &Repository,
+        from: &Repository,
+        digest: &Digest,
+    ) -> Result<bool> {
+        if from.registry != repo.registry {
+            return Ok(false);
+        }
+        let ep = self.upstream(&repo.registry);
+        let mut url = self.url(&ep, &format!("/v2/{}/blobs/uploads/", repo.path))?;
+        url.query_pairs_mut()
+            .append_pair("mount", &digest.to_string())
+            .append_pair("from", &from.path);
+        let scopes = [push_scope(&repo.path), pull_scope(&from.path)];
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let resp = self.send(&ep, &scopes, Method::POST, url.clone(), h, None, true)?;
+        match resp.status() {
+            StatusCode::CREATED => Ok(true),
+            StatusCode::ACCEPTED => {
+                // Not mounted: close the upload session it opened instead of leaving it to
+                // expire. A failure to cancel costs nothing but a stale session.
+                let location = location_of(&resp, &url, &ep)?;
+                let cancelled = self.send(
+                    &ep,
+                    &[push_scope(&repo.path)],
+                    Method::DELETE,
+                    location,
+                    HeaderMap::new(),
+                    None,
+                    true,
+                );
+                if let Err(e) = cancelled {
+                    tracing::debug!(registry = %ep.name, error = %e, "cancelling an upload session failed");
+                }
+                Ok(false)
+            }
+            _ => Err(self.failure(&ep, format!("mount of blob {digest} from {}", from.path), resp)),
+        }
+    }
+
+    fn put_blob_stream(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        size: u64,
+        reader: Box<dyn Read + Send>,
+    ) -> Result<()> {
+        let ep = self.upstream(&repo.registry);
+        let scopes = [push_scope(&repo.path)];
+        let what = format!("upload of blob {digest} to {}", repo.path);
+        let url = self.url(&ep, &format!("/v2/{}/blobs/uploads/", repo.path))?;
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let resp = self.send(&ep, &scopes, Method::POST, url.clone(), h, None, true)?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(self.failure(&ep, what, resp));
+        }
+        let mut location = location_of(&resp, &url, &ep)?;
+        location.query_pairs_mut().append_pair("digest", &digest.to_string());
+        // One monolithic PUT whose body is the stream itself: the bytes go from one
+        // connection to the other and never touch the disk. The stream can be sent once.
+        let reader = Mutex::new(Some(reader));
+        let make = || match lock(&reader).take() {
+            Some(r) => Ok(Body::sized(r, size)),
+            None => Err(std::io::Error::other("the blob stream was already sent once")),
+        };
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        let resp = self.send(&ep, &scopes, Method::PUT, location, h, Some(&make), false)?;
+        self.check_created(&ep, what, resp, digest)
     }
 
     fn list_tags(&self, repo: &Repository) -> Result<Vec<String>> {
@@ -1057,6 +1148,11 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
 
 fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string())
+}
+
+/// Content-Length as sent (a HEAD response has no body, so reqwest reports 0 for it).
+fn header_len(h: &HeaderMap) -> Option<u64> {
+    header_str(h, CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok())
 }
 
 fn header_value(s: &str) -> Result<HeaderValue> {

@@ -7,6 +7,7 @@ mod auth;
 mod client;
 mod config;
 mod credentials;
+mod from_manifest;
 mod pull;
 
 use std::io::Read;
@@ -18,7 +19,7 @@ use crate::reference::Repository;
 use crate::store::StoreError;
 
 pub use auth::{parse_challenges, pull_scope, push_scope, Challenge};
-pub use client::{RegistryClient, RetryPolicy};
+pub use client::{RegistryClient, RetryPolicy, UploadPolicy};
 pub use config::{RegistryConfig, RegistryHostConfig};
 pub use credentials::{auth_key, Credential, DockerConfigFile, Secret, StoredIn};
 pub use pull::{pull, PullOptions, PullReport};
@@ -129,6 +130,33 @@ pub trait Registry: Send + Sync {
         size: u64,
         path: &Path,
     ) -> Result<MountOutcome>;
+    /// Ask the registry to mount a blob from another repository of the same registry,
+    /// uploading nothing: true when it did (201); false when it would not (202, whose upload
+    /// session is cancelled). A registry without mounts answers false.
+    fn try_mount_blob(
+        &self,
+        repo: &Repository,
+        from: &Repository,
+        digest: &Digest,
+    ) -> Result<bool> {
+        let _ = (repo, from, digest);
+        Ok(false)
+    }
+    /// Upload a blob of `size` bytes from a stream (e.g. another registry's GET), without
+    /// putting it on disk. Not retried: the stream cannot be rewound; the caller re-opens it.
+    /// The default spools it to a temporary file and uses `put_blob`.
+    fn put_blob_stream(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        size: u64,
+        mut reader: Box<dyn Read + Send>,
+    ) -> Result<()> {
+        let io = |e: std::io::Error| RegistryError::Io { path: std::env::temp_dir(), source: e };
+        let mut tmp = tempfile::NamedTempFile::new().map_err(io)?;
+        std::io::copy(&mut reader, tmp.as_file_mut()).map_err(io)?;
+        self.put_blob(repo, digest, size, tmp.path())
+    }
     /// Every tag of a repository.
     fn list_tags(&self, repo: &Repository) -> Result<Vec<String>>;
     /// Manifests that refer to `digest` (signatures, SBOMs): the referrers API, else the

@@ -72,18 +72,41 @@ impl Store {
     /// Name `desc` (a manifest or index already in the store) `name`, replacing what the name
     /// pointed to before.
     pub fn set_ref(&self, name: &str, desc: &Descriptor) -> Result<()> {
-        validate_name(name)?;
-        if !self.has_blob(&desc.digest) {
-            return Err(StoreError::BlobNotFound { digest: desc.digest.clone() });
+        self.set_refs(&[(name.to_string(), desc.clone())])
+    }
+
+    /// Name several images in one update of `index.json`. Names that already point where
+    /// asked are left alone, so a no-op build rewrites (and fsyncs) nothing.
+    pub fn set_refs(&self, refs: &[(String, Descriptor)]) -> Result<()> {
+        for (name, desc) in refs {
+            validate_name(name)?;
+            if !self.has_blob(&desc.digest) {
+                return Err(StoreError::BlobNotFound { digest: desc.digest.clone() });
+            }
         }
-        let mut entry = desc.clone();
-        entry.annotations.insert(ANNOTATION_REF_NAME.to_string(), name.to_string());
+        let current = self.read_index()?;
+        let unchanged = refs.iter().all(|(name, desc)| {
+            current.manifests.iter().any(|m| {
+                ref_name(m) == Some(name.as_str())
+                    && m.digest == desc.digest
+                    && m.media_type == desc.media_type
+            })
+        });
+        if unchanged {
+            return Ok(());
+        }
         self.update_index(|index| {
-            index.manifests.retain(|m| ref_name(m) != Some(name));
-            index.manifests.push(entry);
+            for (name, desc) in refs {
+                let mut entry = desc.clone();
+                entry.annotations.insert(ANNOTATION_REF_NAME.to_string(), name.to_string());
+                index.manifests.retain(|m| ref_name(m) != Some(name.as_str()));
+                index.manifests.push(entry);
+            }
             Ok(())
         })?;
-        tracing::debug!(name, digest = %desc.digest, "set ref");
+        for (name, desc) in refs {
+            tracing::debug!(name, digest = %desc.digest, "set ref");
+        }
         Ok(())
     }
 

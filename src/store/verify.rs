@@ -57,7 +57,7 @@ impl Store {
             }
         }
         files.sort();
-        let results: Vec<(Digest, std::result::Result<(Digest, u64), String>)> =
+        let results: Vec<(Digest, HashResult)> =
             files.par_iter().map(|(d, path)| (d.clone(), hash_file(path))).collect();
         for (d, r) in results {
             report.blobs_checked += 1;
@@ -94,7 +94,10 @@ impl Store {
     }
 }
 
-fn hash_file(path: &std::path::Path) -> std::result::Result<(Digest, u64), String> {
+/// What a blob hashes to (and its size), or why it could not be read.
+type HashResult = std::result::Result<(Digest, u64), String>;
+
+fn hash_file(path: &std::path::Path) -> HashResult {
     let mut f = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let mut hasher = Hasher::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -1,0 +1,20 @@
+//! Registry settings from images.toml `[registries."host"]`, over those of the environment
+//! (certs.d directories, docker's config.json).
+
+use super::config::RegistryConfig;
+use crate::manifest::Manifest;
+
+impl RegistryConfig {
+    /// The environment's settings with images.toml's `insecure`, `mirrors` and `ca_file`
+    /// added per host.
+    pub fn for_manifest(manifest: &Manifest) -> RegistryConfig {
+        let mut config = RegistryConfig::from_environment();
+        for (host, settings) in &manifest.registries {
+            let h = config.host_mut(host);
+            h.insecure |= settings.insecure;
+            h.mirrors.extend(settings.mirrors.iter().cloned());
+            h.ca_files.extend(settings.ca_file.iter().cloned());
+        }
+        config
+    }
+}

@@ -1,0 +1,299 @@
+//! `ferry build` with RUN steps in the real sandbox on a busybox base: whiteouts, opaque
+//! directories, failures, mounts, secrets, and the Dockerfile features around RUN.
+
+mod fixture;
+
+use fixture::{
+    build_json, ferry, layer_listings, project, skopeo_config, stat, store_contains, umoci_unpack,
+    BUSYBOX_BASE,
+};
+
+const MANIFEST: &str = "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.child]\ncontext = \"child\"\n";
+
+fn two_level(base_extra: &str, child: &str) -> tempfile::TempDir {
+    project(&[
+        ("images.toml", MANIFEST),
+        ("bb/Dockerfile", &format!("{BUSYBOX_BASE}{base_extra}")),
+        ("child/Dockerfile", child),
+    ])
+}
+
+#[test]
+fn deleting_a_lower_file_is_a_whiteout_and_replacing_a_directory_is_opaque() {
+    let dir = two_level(
+        "RUN mkdir -p /data/old && echo x > /data/old/f && echo y > /etc/gone\n",
+        "FROM bb\nRUN rm /etc/gone\nRUN rm -rf /data && mkdir /data && echo new > /data/n\n",
+    );
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &[]);
+    let layers = layer_listings(store.path(), "child");
+    let whiteout_layer = &layers[layers.len() - 2];
+    assert!(
+        whiteout_layer.iter().any(|n| n.trim_end_matches('/') == "etc/.wh.gone"),
+        "{whiteout_layer:?}"
+    );
+    let opaque_layer = &layers[layers.len() - 1];
+    assert!(opaque_layer.iter().any(|n| n == "data/.wh..wh..opq"), "{opaque_layer:?}");
+    assert!(opaque_layer.iter().any(|n| n == "data/n"), "{opaque_layer:?}");
+    // Nothing of the sandbox's own set-up is captured.
+    for l in &layers[layers.len() - 2..] {
+        for n in l {
+            assert!(
+                !n.starts_with("proc")
+                    && !n.starts_with("dev")
+                    && !n.contains("resolv.conf")
+                    && !n.starts_with("sys"),
+                "{n} in {l:?}"
+            );
+        }
+    }
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    assert!(!rootfs.join("etc/gone").exists());
+    assert!(!rootfs.join("data/old").exists());
+    assert_eq!(std::fs::read_to_string(rootfs.join("data/n")).unwrap(), "new\n");
+}
+
+#[test]
+fn a_failed_run_names_image_stage_line_and_exit_code_and_leaves_no_layer_or_ref() {
+    let dir = two_level("", "FROM bb AS build\nRUN echo preparing && touch /marker-of-failure && echo about to fail >&2 && exit 3\n");
+    let store = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path()).arg("--store").arg(store.path()).arg("build").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "child/Dockerfile:2: RUN failed with exit code 3 (image `child`, stage build)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("about to fail"), "the output tail is shown: {err}");
+    let index = std::fs::read_to_string(store.path().join("index.json")).unwrap();
+    assert!(index.contains("\"bb\""), "the parent is built and named");
+    assert!(!index.contains("\"child\""), "no ref for the failed image: {index}");
+    assert!(
+        store_contains(store.path(), b"marker-of-failure").is_empty(),
+        "no layer holds the failed step's files"
+    );
+}
+
+#[test]
+fn keep_going_builds_what_does_not_depend_on_the_failure() {
+    let dir = project(&[
+        ("images.toml", "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.bad]\ncontext = \"bad\"\n\n[images.below]\ncontext = \"below\"\n\n[images.good]\ncontext = \"good\"\n"),
+        ("bb/Dockerfile", BUSYBOX_BASE),
+        ("bad/Dockerfile", "FROM bb\nRUN false\n"),
+        ("below/Dockerfile", "FROM bad\nRUN true\n"),
+        ("good/Dockerfile", "FROM bb\nRUN echo ok > /ok\n"),
+    ]);
+    let store = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path())
+        .arg("--store")
+        .arg(store.path())
+        .args(["build", "--keep-going", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = |n: &str| {
+        report["images"].as_array().unwrap().iter().find(|i| i["name"] == n).unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(status("bb"), "built");
+    assert_eq!(status("good"), "built");
+    assert_eq!(status("bad"), "failed");
+    assert_eq!(status("below"), "skipped");
+}
+
+#[test]
+fn run_sees_env_args_user_and_workdir() {
+    let dir = two_level(
+        "RUN mkdir -m 1777 /tmp && echo 'app:x:10001:10002::/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:10002:' >> /etc/group\n",
+        "FROM bb\nARG GREETING=hello\nENV WHO=world\nWORKDIR /work/dir\nRUN echo \"$GREETING $WHO\" > msg && pwd > pwd\nUSER app\nRUN id -u > /tmp/uid && id -g >> /tmp/uid\n",
+    );
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &["--arg", "GREETING=hi"]);
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("work/dir/msg")).unwrap(), "hi world\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("work/dir/pwd")).unwrap(), "/work/dir\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("tmp/uid")).unwrap(), "10001\n10002\n");
+    assert_eq!(stat(&rootfs.join("tmp/uid")).1, 10001);
+    // ARGs are visible to RUN but not kept in the image.
+    let env = skopeo_config(store.path(), "child")["config"]["Env"].clone();
+    assert!(env.as_array().unwrap().contains(&serde_json::json!("WHO=world")));
+    assert!(!env.to_string().contains("GREETING"), "{env}");
+}
+
+#[test]
+fn cache_mounts_persist_and_secrets_never_land_anywhere() {
+    let secret_value = "s3cr3t-value-4242";
+    let dir = two_level(
+        "",
+        "FROM bb\nARG BUST=1\nRUN --mount=type=cache,target=/cache echo run-$BUST >> /cache/log && cp /cache/log /log-copy\nRUN --mount=type=secret,id=tok wc -c < /run/secrets/tok > /secret-len\n",
+    );
+    let secret = dir.path().join("tok.txt");
+    std::fs::write(&secret, secret_value).unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let secret_arg = format!("id=tok,src={}", secret.display());
+    build_json(dir.path(), store.path(), &["--secret", &secret_arg]);
+    let out = ferry(dir.path())
+        .arg("--store")
+        .arg(store.path())
+        .args(["-vv", "build", "--json", "--arg", "BUST=2", "--secret", &secret_arg])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("log-copy")).unwrap(),
+        "run-1\nrun-2\n",
+        "the cache mount persisted"
+    );
+    assert!(!rootfs.join("cache/log").exists(), "cache content is not in the image");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("secret-len")).unwrap().trim(),
+        secret_value.len().to_string(),
+        "the secret was readable"
+    );
+    assert!(!rootfs.join("run/secrets/tok").exists());
+    assert!(
+        store_contains(store.path(), secret_value.as_bytes()).is_empty(),
+        "no blob holds the secret"
+    );
+    let everything =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!everything.contains(secret_value), "the secret is in the output");
+    let mut cache_files = String::new();
+    for e in walk(&store.path().join("cache")) {
+        cache_files.push_str(&std::fs::read_to_string(e).unwrap_or_default());
+    }
+    assert!(!cache_files.contains(secret_value), "the secret is in the cache index");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn heredocs_onbuild_and_shell() {
+    let dir = project(&[
+        ("images.toml", "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.parent]\ncontext = \"parent\"\n\n[images.child]\ncontext = \"child\"\n"),
+        ("bb/Dockerfile", BUSYBOX_BASE),
+        ("parent/Dockerfile", "FROM bb\nONBUILD RUN echo triggered > /onbuild\nRUN <<EOF\nset -e\necho one > /heredoc\necho two >> /heredoc\nEOF\nCOPY <<notes.txt /etc/\nfirst line\nEOF-not-the-end\nnotes.txt\nSHELL [\"/bin/sh\", \"-e\", \"-c\"]\nRUN echo \"$0 $-\" > /via-shell\nENV WHO=shell\nRUN cat <<EOT > /shell-heredoc && cat <<'RAW' >> /shell-heredoc\nfrom a $WHO heredoc\nEOT\nkept $WHO\nRAW\n"),
+        ("child/Dockerfile", "FROM parent\nRUN test -f /onbuild\n"),
+    ]);
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let parent = umoci_unpack(store.path(), "parent", work.path());
+    assert_eq!(std::fs::read_to_string(parent.join("heredoc")).unwrap(), "one\ntwo\n");
+    assert_eq!(
+        std::fs::read_to_string(parent.join("etc/notes.txt")).unwrap(),
+        "first line\nEOF-not-the-end\n"
+    );
+    let shell = std::fs::read_to_string(parent.join("via-shell")).unwrap();
+    assert!(shell.starts_with("/bin/sh ") && shell.contains('e'), "SHELL applies to RUN: {shell}");
+    assert_eq!(
+        std::fs::read_to_string(parent.join("shell-heredoc")).unwrap(),
+        "from a shell heredoc\nkept $WHO\n"
+    );
+    assert!(!parent.join("onbuild").exists(), "a trigger does not run in its own image");
+    let cfg = fixture::raw_config(store.path(), "parent");
+    assert_eq!(cfg["config"]["OnBuild"], serde_json::json!(["RUN echo triggered > /onbuild"]));
+    let work = tempfile::tempdir().unwrap();
+    let child = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(std::fs::read_to_string(child.join("onbuild")).unwrap(), "triggered\n");
+    assert!(
+        fixture::raw_config(store.path(), "child")["config"]["OnBuild"].is_null(),
+        "triggers are not inherited"
+    );
+}
+
+#[test]
+fn more_than_127_layers_is_a_clear_error() {
+    let mut df = String::from("FROM scratch\n");
+    for i in 0..130 {
+        df.push_str(&format!("COPY f /f{i}\n"));
+    }
+    let dir = project(&[
+        ("images.toml", "[project]\nname = \"t\"\n\n[images.deep]\ncontext = \"deep\"\n"),
+        ("deep/Dockerfile", &df),
+        ("deep/f", "x"),
+    ]);
+    let store = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path()).arg("--store").arg(store.path()).arg("build").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("deep/Dockerfile:129:") && err.contains("the limit is 127"), "{err}");
+}
+
+#[test]
+fn independent_stages_run_concurrently() {
+    // Each stage waits for the other's marker in a shared cache mount: built one after the
+    // other, the first would give up and fail.
+    let wait = |me: &str, other: &str| {
+        format!(
+            "RUN --mount=type=cache,target=/sync,id=sync touch /sync/{me} && i=0; while [ ! -f /sync/{other} ]; do i=$((i+1)); [ $i -gt 100 ] && exit 7; sleep 0.1; done; echo {me} > /{me}\n"
+        )
+    };
+    let child = format!(
+        "FROM bb AS a\n{}\nFROM bb AS b\n{}\nFROM bb\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n",
+        wait("a", "b"),
+        wait("b", "a")
+    );
+    let dir = two_level("", &child);
+    let store = tempfile::tempdir().unwrap();
+    let report = build_json(dir.path(), store.path(), &["--jobs", "2"]);
+    let child = report["images"].as_array().unwrap().iter().find(|i| i["name"] == "child").unwrap();
+    assert_eq!(child["status"], "built");
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("a")).unwrap(), "a\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
+}
+
+#[test]
+fn network_bind_tmpfs_healthcheck_maintainer_escape() {
+    let child = "# escape=`\nFROM --platform=$BUILDPLATFORM bb AS tools\nRUN mkdir -p /opt && echo from-tools > /opt/t\n\nFROM bb\nMAINTAINER Acme Ops <ops@example.com>\nRUN --network=none cat /proc/net/dev | grep -c : > /ifaces\nRUN --mount=type=bind,source=data.txt,target=/in/data.txt cp /in/data.txt /copied `\n && test ! -w /in/data.txt || true\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /from-tools\nRUN --mount=type=tmpfs,target=/scratch echo temp > /scratch/f && cp /scratch/f /tmpfs-worked\nHEALTHCHECK --interval=5s --retries=2 CMD wget -q -O- localhost || exit 1\n";
+    let dir = project(&[
+        ("images.toml", MANIFEST),
+        ("bb/Dockerfile", BUSYBOX_BASE),
+        ("child/Dockerfile", child),
+        ("child/data.txt", "context data\n"),
+    ]);
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    // /proc/net/dev has two header lines with ':'? It has one per interface: only `lo`.
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("ifaces")).unwrap().trim(),
+        "1",
+        "--network=none sees only lo"
+    );
+    assert_eq!(std::fs::read_to_string(rootfs.join("copied")).unwrap(), "context data\n");
+    assert!(!rootfs.join("in").exists(), "bind mount targets leave no trace");
+    assert_eq!(std::fs::read_to_string(rootfs.join("from-tools")).unwrap(), "from-tools\n");
+    assert!(!rootfs.join("mnt").exists());
+    assert_eq!(std::fs::read_to_string(rootfs.join("tmpfs-worked")).unwrap(), "temp\n");
+    assert!(!rootfs.join("scratch").exists(), "tmpfs content is not captured");
+    let cfg = fixture::raw_config(store.path(), "child");
+    assert_eq!(cfg["author"], "Acme Ops <ops@example.com>");
+    assert_eq!(cfg["config"]["Labels"]["maintainer"], "Acme Ops <ops@example.com>");
+    assert_eq!(
+        cfg["config"]["Healthcheck"]["Test"],
+        serde_json::json!(["CMD-SHELL", "wget -q -O- localhost || exit 1"])
+    );
+    assert_eq!(cfg["config"]["Healthcheck"]["Interval"], 5_000_000_000u64);
+    assert_eq!(cfg["config"]["Healthcheck"]["Retries"], 2);
+}

@@ -1,0 +1,811 @@
+//! Test harness shared by the integration tests: a real registry (`docker-registry serve`)
+//! on a free loopback port with optional htpasswd auth and TLS, a fault-injecting HTTP
+//! proxy to put in front of it, and helpers to make OCI images and push them with skopeo.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+
+/// How to start a registry.
+#[derive(Default, Clone)]
+pub struct RegistryOptions {
+    /// Require Basic auth with this user and password (htpasswd, bcrypt).
+    pub htpasswd: Option<(String, String)>,
+    /// Serve HTTPS with a certificate from a fresh test CA.
+    pub tls: bool,
+}
+
+/// A running `docker-registry`, killed when dropped.
+pub struct TestRegistry {
+    /// `127.0.0.1:PORT`
+    pub host: String,
+    pub tls: bool,
+    pub credentials: Option<(String, String)>,
+    /// The test CA's certificate (TLS only).
+    pub ca_cert: Option<PathBuf>,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl TestRegistry {
+    pub fn start(opts: RegistryOptions) -> TestRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let host = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+            dir.path().join("data").display()
+        );
+        let mut ca_cert = None;
+        if opts.tls {
+            let certs = make_certs(dir.path());
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                certs.server_cert.display(),
+                certs.server_key.display()
+            ));
+            ca_cert = Some(certs.ca_cert);
+        }
+        if let Some((user, pass)) = &opts.htpasswd {
+            let hash = bcrypt::hash(pass, 5).unwrap();
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, format!("{user}:{hash}\n")).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
+                file.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry must be installed (Debian package docker-registry)");
+        let mut reg =
+            TestRegistry { host, tls: opts.tls, credentials: opts.htpasswd, ca_cert, dir, child };
+        reg.wait_ready();
+        reg
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("docker-registry exited ({status}): {}", self.log());
+            }
+            if TcpStream::connect(&self.host).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "docker-registry did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// A docker-style certs directory (`<dir>/<host>/ca.crt`) trusting the test CA, for
+    /// `FERRY_CERTS_DIR`.
+    pub fn certs_dir(&self) -> PathBuf {
+        let d = self.dir.path().join("certs.d");
+        let host_dir = d.join(&self.host);
+        std::fs::create_dir_all(&host_dir).unwrap();
+        if let Some(ca) = &self.ca_cert {
+            std::fs::copy(ca, host_dir.join("ca.crt")).unwrap();
+        }
+        d
+    }
+
+    /// Push an OCI layout's image (tag `src_tag`) to `repo:tag` with skopeo, keeping digests.
+    pub fn push(&self, layout: &Path, src_tag: &str, dest: &str) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["--insecure-policy", "copy", "--preserve-digests", "-q"]);
+        if self.tls {
+            let certs = self.dir.path().join("skopeo-certs");
+            std::fs::create_dir_all(&certs).unwrap();
+            std::fs::copy(self.ca_cert.as_ref().unwrap(), certs.join("ca.crt")).unwrap();
+            cmd.arg("--dest-cert-dir").arg(certs);
+        } else {
+            cmd.arg("--dest-tls-verify=false");
+        }
+        if let Some((u, p)) = &self.credentials {
+            cmd.arg("--dest-creds").arg(format!("{u}:{p}"));
+        }
+        cmd.arg(format!("oci:{}:{src_tag}", layout.display()));
+        cmd.arg(format!("docker://{}/{dest}", self.host));
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo copy failed: {}\nregistry log: {}",
+            stderr(&out),
+            self.log()
+        );
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Certs {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+/// A test CA and a server certificate for 127.0.0.1 / localhost, made with openssl.
+pub fn make_certs(dir: &Path) -> Certs {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ferry test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    Certs {
+        ca_cert: dir.join("ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// stderr with miette's wrapping undone: one line per diagnostic, single spaces.
+pub fn error_text(o: &Output) -> String {
+    let raw = String::from_utf8_lossy(&o.stderr);
+    let mut out = String::new();
+    for line in raw.lines() {
+        let t = line.trim_start().trim_start_matches(['│', '×', '╰', '─', '▶']).trim();
+        if !t.is_empty() {
+            out.push_str(t);
+            out.push(' ');
+        }
+    }
+    out
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+// ---------------------------------------------------------------------------------------
+// Images
+
+/// A file of a test layer.
+#[derive(Clone)]
+pub enum Entry {
+    File {
+        path: String,
+        content: Vec<u8>,
+        mode: u32,
+    },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    /// An OCI whiteout: deletes `path` from the layers below.
+    Whiteout {
+        path: String,
+    },
+}
+
+pub fn file(path: &str, content: &[u8], mode: u32) -> Entry {
+    Entry::File { path: path.into(), content: content.to_vec(), mode }
+}
+pub fn dir(path: &str) -> Entry {
+    Entry::Dir { path: path.into(), mode: 0o755 }
+}
+pub fn symlink(path: &str, target: &str) -> Entry {
+    Entry::Symlink { path: path.into(), target: target.into() }
+}
+pub fn whiteout(path: &str) -> Entry {
+    Entry::Whiteout { path: path.into() }
+}
+
+/// Incompressible bytes, deterministic per seed (xorshift).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        match e {
+            Entry::File { path, content, mode } => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(content.len() as u64);
+                b.append_data(&mut h, path, &content[..]).unwrap();
+            }
+            Entry::Dir { path, mode } => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(*mode);
+                h.set_size(0);
+                b.append_data(&mut h, format!("{path}/"), std::io::empty()).unwrap();
+            }
+            Entry::Symlink { path, target } => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, path, target).unwrap();
+            }
+            Entry::Whiteout { path } => {
+                let (parent, name) = match path.rsplit_once('/') {
+                    Some((p, n)) => (format!("{p}/"), n.to_string()),
+                    None => (String::new(), path.clone()),
+                };
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(0);
+                b.append_data(&mut h, format!("{parent}.wh.{name}"), std::io::empty()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Comp {
+    Gzip,
+    Zstd,
+    None,
+}
+
+/// A test image written as an OCI layout.
+pub struct TestImage {
+    pub layout: PathBuf,
+    pub tag: String,
+    pub manifest_digest: String,
+    pub config_digest: String,
+    pub layer_digests: Vec<String>,
+}
+
+/// Write an OCI layout at `layout` holding one image made of `layers` (tag `tag`), with a
+/// history entry per layer plus one empty step.
+pub fn make_oci_image(layout: &Path, tag: &str, layers: &[Vec<Entry>], comp: Comp) -> TestImage {
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> String {
+        let d = sha256(bytes);
+        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
+        d
+    };
+    let mut layer_descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut history = Vec::new();
+    let mut layer_digests = Vec::new();
+    for (i, entries) in layers.iter().enumerate() {
+        let tar = layer_tar(entries);
+        diff_ids.push(sha256(&tar));
+        let (blob, mt) = match comp {
+            Comp::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(&tar).unwrap();
+                (e.finish().unwrap(), "application/vnd.oci.image.layer.v1.tar+gzip")
+            }
+            Comp::Zstd => (
+                zstd::encode_all(&tar[..], 1).unwrap(),
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+            ),
+            Comp::None => (tar.clone(), "application/vnd.oci.image.layer.v1.tar"),
+        };
+        let d = put(&blob);
+        layer_digests.push(d.clone());
+        layer_descs.push(serde_json::json!({"mediaType": mt, "digest": d, "size": blob.len()}));
+        history.push(serde_json::json!({
+            "created": "2024-01-01T00:00:00Z",
+            "created_by": format!("COPY layer{i} / # buildkit"),
+        }));
+    }
+    history.push(serde_json::json!({
+        "created": "2024-01-01T00:00:00Z",
+        "created_by": "CMD [\"/bin/sh\"]",
+        "empty_layer": true,
+    }));
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = serde_json::json!({
+        "created": "2024-01-01T00:00:00Z",
+        "architecture": arch,
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/", "Labels": {"test": "yes"}},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": history,
+    });
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_digest = put(&config_bytes);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_bytes.len()},
+        "layers": layer_descs,
+    });
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    let manifest_digest = put(&manifest_bytes);
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest_bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    TestImage {
+        layout: layout.to_path_buf(),
+        tag: tag.into(),
+        manifest_digest,
+        config_digest,
+        layer_digests,
+    }
+}
+
+/// What a tree holds: relative path → kind, mode and content (or link target).
+pub fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
+        let e = e.unwrap();
+        let rel = e.path().strip_prefix(root).unwrap().to_string_lossy().to_string();
+        let meta = e.path().symlink_metadata().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        let v = if meta.file_type().is_symlink() {
+            format!("link -> {}", std::fs::read_link(e.path()).unwrap().display())
+        } else if meta.is_dir() {
+            format!("dir {mode:o}")
+        } else {
+            format!("file {mode:o} {}", sha256(&std::fs::read(e.path()).unwrap()))
+        };
+        out.insert(rel, v);
+    }
+    out
+}
+
+/// Apply layers to a directory the way a runtime would (whiteouts delete): the tree the
+/// image should unpack to.
+pub fn expected_tree(layers: &[Vec<Entry>]) -> BTreeMap<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for entries in layers {
+        for e in entries {
+            match e {
+                Entry::File { path, content, mode } => {
+                    let p = root.join(path);
+                    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                    std::fs::write(&p, content).unwrap();
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+                }
+                Entry::Dir { path, mode } => {
+                    let p = root.join(path);
+                    std::fs::create_dir_all(&p).unwrap();
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+                }
+                Entry::Symlink { path, target } => {
+                    let p = root.join(path);
+                    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                    std::os::unix::fs::symlink(target, &p).unwrap();
+                }
+                Entry::Whiteout { path } => {
+                    let p = root.join(path);
+                    if p.is_dir() {
+                        std::fs::remove_dir_all(&p).unwrap();
+                    } else {
+                        std::fs::remove_file(&p).unwrap();
+                    }
+                }
+            }
+        }
+    }
+    tree(root)
+}
+
+// ---------------------------------------------------------------------------------------
+// ferry
+
+/// The ferry binary with a private store and docker config.
+pub struct Ferry {
+    pub store: PathBuf,
+    pub docker_config: PathBuf,
+    pub certs_dir: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Ferry {
+    pub fn new() -> Ferry {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let docker_config = dir.path().join("docker");
+        std::fs::create_dir_all(&docker_config).unwrap();
+        Ferry { store, docker_config, certs_dir: None, _dir: dir }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.arg("--store").arg(&self.store);
+        c.env("DOCKER_CONFIG", &self.docker_config);
+        c.env_remove("FERRY_STORE");
+        // Never pick up the machine's own CAs for test registries; point at the test's.
+        match &self.certs_dir {
+            Some(d) => c.env("FERRY_CERTS_DIR", d),
+            None => c.env("FERRY_CERTS_DIR", self.docker_config.join("no-certs")),
+        };
+        c.stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    /// Run and require success.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "ferry {args:?} failed ({}): {}", out.status, stderr(&out));
+        stdout(&out)
+    }
+
+    pub fn index(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.store.join("index.json")).unwrap()).unwrap()
+    }
+
+    /// Write docker's config.json with Basic credentials for `host`.
+    pub fn docker_login_file(&self, host: &str, user: &str, pass: &str) {
+        use base64::Engine;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        let cfg = serde_json::json!({"auths": {host: {"auth": auth}}});
+        std::fs::write(self.docker_config.join("config.json"), cfg.to_string()).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fault-injecting proxy
+
+/// What the proxy does with one request.
+pub enum Action {
+    Forward,
+    /// Answer with this status (and headers) without asking the registry.
+    Respond(u16, Vec<(String, String)>),
+    /// Answer 200 with this body (and headers) instead of the registry's.
+    Body(Vec<u8>, Vec<(String, String)>),
+    /// Forward, but after this many body bytes of the response, signal the test and hang
+    /// until the proxy is dropped.
+    Stall(usize),
+}
+
+/// A request as the proxy saw it.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+/// A request as a rule sees it.
+pub struct RequestInfo {
+    pub method: String,
+    pub path: String,
+    /// 1-based number of the request.
+    pub n: usize,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestInfo {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+type Rule = dyn Fn(&RequestInfo) -> Action + Send + Sync;
+
+/// An HTTP/1.1 proxy on a free loopback port in front of `upstream`, deciding per request
+/// (method, path, 1-based request number) what to do.
+pub struct FaultProxy {
+    pub host: String,
+    pub seen: Arc<Mutex<Vec<SeenRequest>>>,
+    /// Receives the path of a stalled response once it stalls.
+    pub stalled: mpsc::Receiver<String>,
+    release: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl FaultProxy {
+    pub fn start(
+        upstream: &str,
+        rule: impl Fn(&str, &str, usize) -> Action + Send + Sync + 'static,
+    ) -> FaultProxy {
+        FaultProxy::start_with(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            upstream,
+            move |r: &RequestInfo| rule(&r.method, &r.path, r.n),
+        )
+    }
+
+    /// Like `start`, on a listener the caller bound (to know the address first), with a
+    /// rule that sees headers.
+    pub fn start_with(
+        listener: TcpListener,
+        upstream: &str,
+        rule: impl Fn(&RequestInfo) -> Action + Send + Sync + 'static,
+    ) -> FaultProxy {
+        let host = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let rule: Arc<Rule> = Arc::new(rule);
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let (tx, rx) = mpsc::channel();
+        let upstream = upstream.to_string();
+        {
+            let seen = seen.clone();
+            let release = release.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let (seen, count, rule, release, tx, upstream) = (
+                        seen.clone(),
+                        count.clone(),
+                        rule.clone(),
+                        release.clone(),
+                        tx.clone(),
+                        upstream.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        let _ = serve(conn, &upstream, &*rule, &count, &seen, &release, &tx);
+                    });
+                }
+            });
+        }
+        FaultProxy { host, seen, stalled: rx, release }
+    }
+
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let (m, c) = &*self.release;
+        *m.lock().unwrap() = true;
+        c.notify_all();
+    }
+}
+
+fn serve(
+    mut client: TcpStream,
+    upstream: &str,
+    rule: &Rule,
+    count: &AtomicUsize,
+    seen: &Mutex<Vec<SeenRequest>>,
+    release: &(Mutex<bool>, Condvar),
+    stalled: &mpsc::Sender<String>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    // One request per connection: every answer closes it.
+    // A TLS ClientHello (ferry probing HTTPS on a loopback host): not HTTP, hang up.
+    let first = reader.fill_buf()?;
+    if first.is_empty() || first[0] == 0x16 {
+        return Ok(());
+    }
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or_default().to_string();
+    let path = parts.next().unwrap_or_default().to_string();
+    let mut content_length = 0usize;
+    let mut headers = Vec::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let k = k.trim().to_string();
+            if k.eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+            if k.eq_ignore_ascii_case("connection") {
+                continue;
+            }
+            headers.push((k, v.trim().to_string()));
+        }
+    }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+    let info = RequestInfo {
+        method: method.clone(),
+        path: path.clone(),
+        n,
+        headers: headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
+    };
+    match rule(&info) {
+        Action::Respond(status, extra) => {
+            seen.lock().unwrap().push(SeenRequest { method, path, status });
+            let mut resp =
+                format!("HTTP/1.1 {status} Injected\r\nContent-Length: 0\r\nConnection: close\r\n");
+            for (k, v) in extra {
+                resp.push_str(&format!("{k}: {v}\r\n"));
+            }
+            resp.push_str("\r\n");
+            client.write_all(resp.as_bytes())?;
+            Ok(())
+        }
+        Action::Body(bytes, extra) => {
+            seen.lock().unwrap().push(SeenRequest { method, path, status: 200 });
+            let mut resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n",
+                bytes.len()
+            );
+            for (k, v) in extra {
+                resp.push_str(&format!("{k}: {v}\r\n"));
+            }
+            resp.push_str("\r\n");
+            client.write_all(resp.as_bytes())?;
+            client.write_all(&bytes)?;
+            Ok(())
+        }
+        action => {
+            let mut up = TcpStream::connect(upstream)?;
+            let mut req = format!("{request_line}\r\n");
+            for (k, v) in &headers {
+                req.push_str(&format!("{k}: {v}\r\n"));
+            }
+            req.push_str("Connection: close\r\n\r\n");
+            up.write_all(req.as_bytes())?;
+            up.write_all(&body)?;
+            let mut up_reader = BufReader::new(up);
+            let mut resp_head = String::new();
+            loop {
+                let mut line = String::new();
+                if up_reader.read_line(&mut line)? == 0 {
+                    break;
+                }
+                resp_head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let status = resp_head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            seen.lock().unwrap().push(SeenRequest {
+                method: method.clone(),
+                path: path.clone(),
+                status,
+            });
+            client.write_all(resp_head.as_bytes())?;
+            if method == "HEAD" {
+                return Ok(());
+            }
+            match action {
+                Action::Stall(after) => {
+                    let mut part = vec![0u8; after];
+                    up_reader.read_exact(&mut part)?;
+                    client.write_all(&part)?;
+                    client.flush()?;
+                    let _ = stalled.send(path.clone());
+                    let (m, c) = release;
+                    let mut released = m.lock().unwrap();
+                    while !*released {
+                        released = c.wait(released).unwrap();
+                    }
+                    Ok(())
+                }
+                _ => {
+                    std::io::copy(&mut up_reader, &mut client)?;
+                    Ok(())
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! `ferry promote` against real registries: within one registry (blobs mounted, counted
+//! through a proxy), across two registry processes (blobs streamed), referrers, re-runs.
+
+mod common;
+mod promote_support;
+
+use common::*;
+use promote_support::*;
+
+fn envs(staging: &str, prod: &str) -> String {
+    format!(
+        r#"
+[environments.staging]
+registry = "{staging}/acme-staging"
+tags = ["{{version}}-rc", "staging"]
+
+[environments.prod]
+registry = "{prod}/acme-prod"
+tags = ["{{version}}", "{{major}}.{{minor}}", "latest"]
+immutable = true
+promote_from = "staging"
+"#
+    )
+}
+
+#[test]
+fn within_one_registry_only_mounts_and_keeps_digests() {
+    let reg = TestRegistry::start(RegistryOptions::default());
+    let proxy = FaultProxy::start(&reg.host, |_, _, _| Action::Forward);
+    let work = tempfile::tempdir().unwrap();
+    let api = publish(&reg, work.path(), "api", 1, 2, 200_000, "acme-staging/acme/api:1.0.0-rc");
+    let (web, web_children) =
+        publish_index(&reg, work.path(), "acme-staging/acme/web", "2.1.0-rc", 10);
+    let (artifact, cosign) =
+        attach_signature(&reg.host, "acme-staging/acme/api", &api, work.path());
+    let project =
+        Project::new(&[("api", "1.0.0"), ("web", "2.1.0")], &envs(&proxy.host, &proxy.host));
+    assert!(!project.path().join("services").exists(), "no build context is needed");
+
+    let before = proxy.requests().len();
+    let out = project.run(&["--json", "promote", "--from", "staging", "--to", "prod"]);
+    assert!(out.status.success(), "promote failed: {}", stderr(&out));
+    let report = json(&out);
+    assert_eq!(report["outcome"], "promoted");
+
+    // No layer byte moved: every blob was mounted, none downloaded or uploaded.
+    let seen = &proxy.requests()[before..];
+    for r in seen {
+        let blob_read = r.method == "GET" && r.path.contains("/blobs/");
+        let upload = (r.method == "PUT" || r.method == "PATCH") && r.path.contains("/blobs/");
+        assert!(!blob_read && !upload, "a blob was transferred: {r:?}");
+        if r.method == "POST" {
+            assert!(r.path.contains("mount="), "an upload that is not a mount: {r:?}");
+            assert_eq!(r.status, 201, "the mount was refused: {r:?}");
+        }
+    }
+    // api: config + 2 layers + the signature's empty config and payload; web: 2 children
+    // with a config and a layer each.
+    let mounts = seen.iter().filter(|r| r.method == "POST").count();
+    assert_eq!(mounts, 3 + 2 + 4, "{seen:#?}");
+    assert_eq!(report["stats"]["blobs_mounted"], 9);
+    assert_eq!(report["stats"]["blobs_streamed"], 0);
+
+    // Digests in prod are the digests in staging, under every prod tag.
+    for tag in ["1.0.0", "1.0", "latest"] {
+        assert_eq!(digest_of(&reg.host, "acme-prod/acme/api", tag).as_deref(), Some(&*api));
+    }
+    for tag in ["2.1.0", "2.1", "latest"] {
+        assert_eq!(digest_of(&reg.host, "acme-prod/acme/web", tag).as_deref(), Some(&*web));
+    }
+    for child in &web_children {
+        assert_eq!(digest_of(&reg.host, "acme-prod/acme/web", child).as_deref(), Some(&**child));
+    }
+    // The signature came along: the artifact, its fallback index, the cosign tag.
+    let hex = &api["sha256:".len()..];
+    assert_eq!(digest_of(&reg.host, "acme-prod/acme/api", &artifact).as_deref(), Some(&*artifact));
+    assert_eq!(
+        digest_of(&reg.host, "acme-prod/acme/api", &format!("sha256-{hex}.sig")).as_deref(),
+        Some(&*cosign)
+    );
+    let referrers = {
+        use ferry::registry::Registry;
+        client()
+            .referrers(&repo(&reg.host, "acme-prod/acme/api"), &api.parse().unwrap(), None)
+            .unwrap()
+    };
+    let listed: Vec<String> = referrers.manifests.iter().map(|d| d.digest.to_string()).collect();
+    assert_eq!(listed, [artifact.as_str()]);
+    assert_eq!(
+        tags_of(&reg.host, "acme-prod/acme/api"),
+        ["1.0", "1.0.0", "latest", &format!("sha256-{hex}"), &format!("sha256-{hex}.sig")]
+    );
+    assert_eq!(tags_of(&reg.host, "acme-prod/acme/web"), ["2.1", "2.1.0", "latest"]);
+
+    // Again: nothing changes, and ferry says so.
+    let before = proxy.requests().len();
+    let out = project.run(&["promote", "--from", "staging", "--to", "prod"]);
+    assert!(out.status.success(), "second promote failed: {}", stderr(&out));
+    assert!(stdout(&out).contains("Nothing to do"), "{}", stdout(&out));
+    let writes: Vec<_> = proxy.requests()[before..]
+        .iter()
+        .filter(|r| !matches!(r.method.as_str(), "GET" | "HEAD"))
+        .cloned()
+        .collect();
+    assert!(writes.is_empty(), "a finished promotion wrote again: {writes:?}");
+}
+
+#[test]
+fn across_two_registries_streams_blobs_and_skopeo_sees_the_tags() {
+    let staging = TestRegistry::start(RegistryOptions::default());
+    let prod = TestRegistry::start(RegistryOptions::default());
+    let work = tempfile::tempdir().unwrap();
+    let api =
+        publish(&staging, work.path(), "api", 2, 3, 150_000, "acme-staging/acme/api:1.0.0-rc");
+    let (web, _) = publish_index(&staging, work.path(), "acme-staging/acme/web", "2.1.0-rc", 20);
+    let (artifact, cosign) =
+        attach_signature(&staging.host, "acme-staging/acme/api", &api, work.path());
+    let project =
+        Project::new(&[("api", "1.0.0"), ("web", "2.1.0")], &envs(&staging.host, &prod.host));
+
+    let out = project.run(&["--json", "promote", "--from", "staging", "--to", "prod"]);
+    assert!(out.status.success(), "promote failed: {}", stderr(&out));
+    let report = json(&out);
+    assert_eq!(report["stats"]["blobs_mounted"], 0);
+    // api: config, 3 layers, signature config and payload; web: 2 configs and 2 layers.
+    assert_eq!(report["stats"]["blobs_streamed"], 6 + 4);
+    let planned: u64 = report["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["bytes_to_copy"].as_u64().unwrap())
+        .sum();
+    assert_eq!(report["stats"]["bytes_streamed"].as_u64().unwrap(), planned);
+    assert!(planned > 450_000, "the layers' bytes were counted: {planned}");
+
+    let hex = &api["sha256:".len()..];
+    assert_eq!(
+        skopeo_tags(&prod.host, "acme-prod/acme/api"),
+        ["1.0", "1.0.0", "latest", &format!("sha256-{hex}"), &format!("sha256-{hex}.sig")]
+    );
+    assert_eq!(skopeo_tags(&prod.host, "acme-prod/acme/web"), ["2.1", "2.1.0", "latest"]);
+    for tag in ["1.0.0", "latest"] {
+        assert_eq!(skopeo_digest(&prod.host, "acme-prod/acme/api", tag), api);
+    }
+    assert_eq!(skopeo_digest(&prod.host, "acme-prod/acme/web", "2.1.0"), web);
+    assert_eq!(
+        skopeo_digest(&prod.host, "acme-prod/acme/api", &format!("sha256-{hex}.sig")),
+        cosign
+    );
+    // skopeo copies the whole image out of prod: every blob arrived intact.
+    let out = std::process::Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--all", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/acme-prod/acme/web:2.1.0", prod.host))
+        .arg(format!("oci:{}:web", work.path().join("check").display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo copy from prod: {}", stderr(&out));
+    assert_eq!(digest_of(&prod.host, "acme-prod/acme/api", &artifact).as_deref(), Some(&*artifact));
+
+    let out = project.run(&["--json", "promote", "--from", "staging", "--to", "prod"]);
+    assert!(out.status.success(), "second promote failed: {}", stderr(&out));
+    assert_eq!(json(&out)["outcome"], "nothing_to_do");
+}
+
+#[test]
+fn without_referrers_only_the_image_moves() {
+    let reg = TestRegistry::start(RegistryOptions::default());
+    let work = tempfile::tempdir().unwrap();
+    let api = publish(&reg, work.path(), "api", 3, 1, 10_000, "acme-staging/acme/api:1.0.0-rc");
+    let (artifact, _) = attach_signature(&reg.host, "acme-staging/acme/api", &api, work.path());
+    let project = Project::new(&[("api", "1.0.0")], &envs(&reg.host, &reg.host));
+    let out = project.run(&["promote", "--from", "staging", "--to", "prod", "--no-referrers"]);
+    assert!(out.status.success(), "promote failed: {}", stderr(&out));
+    assert_eq!(tags_of(&reg.host, "acme-prod/acme/api"), ["1.0", "1.0.0", "latest"]);
+    assert_eq!(digest_of(&reg.host, "acme-prod/acme/api", &artifact), None);
+}
