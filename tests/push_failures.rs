@@ -28,7 +28,7 @@ fn repo(host: &str, env: &str, image: &str) -> String {
 #[test]
 fn an_upload_refused_for_one_repository_moves_no_tag_and_keep_going_publishes_its_non_descendants()
 {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let proxy = Proxy::start(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
@@ -92,7 +92,7 @@ fn an_upload_refused_for_one_repository_moves_no_tag_and_keep_going_publishes_it
 
 #[test]
 fn a_failed_build_moves_no_tag_and_keep_going_publishes_the_rest() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let dir = fleet(&registry.host, "");
     let store = tempfile::tempdir().unwrap();
     let store = store.path();
@@ -134,7 +134,7 @@ immutable = true
 
 #[test]
 fn an_immutable_tag_with_another_digest_stops_the_push_before_any_upload() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let proxy = Proxy::start(&registry.host);
     let dir = fleet(&proxy.host, &RELEASE_ENVS.replace("HOST", &proxy.host));
     let store = tempfile::tempdir().unwrap();
@@ -182,7 +182,7 @@ fn an_immutable_tag_with_another_digest_stops_the_push_before_any_upload() {
 
 #[test]
 fn an_environment_fed_by_promotion_refuses_a_direct_push() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let proxy = Proxy::start(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
@@ -195,7 +195,7 @@ fn an_environment_fed_by_promotion_refuses_a_direct_push() {
 
 #[test]
 fn a_release_only_environment_refuses_pre_releases() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let extra = format!(
         "[environments.stable]\nregistry = \"{}/stable\"\ntags = [\"{{version}}\"]\nrelease_only = true\n",
         registry.host

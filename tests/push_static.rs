@@ -43,7 +43,7 @@ fn store_digest(store: &Path, name: &str) -> String {
 
 #[test]
 fn push_tags_every_image_with_the_store_digest_and_a_second_push_uploads_nothing() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let proxy = Proxy::start(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
@@ -100,7 +100,7 @@ fn push_tags_every_image_with_the_store_digest_and_a_second_push_uploads_nothing
 
 #[test]
 fn a_gzip_environment_gets_rewritten_manifests_whose_variants_are_computed_once() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let extra = format!(
         "[environments.old]\nregistry = \"{h}/old\"\ntags = [\"{{version}}\"]\ncompression = \"gzip\"\n\n[environments.old2]\nregistry = \"{h}/old2\"\ntags = [\"{{version}}\"]\ncompression = \"gzip\"\n",
         h = registry.host
@@ -170,7 +170,7 @@ fn a_gzip_environment_gets_rewritten_manifests_whose_variants_are_computed_once(
 
 #[test]
 fn dry_run_prints_the_plan_and_sends_nothing() {
-    let registry = TestRegistry::start();
+    let registry = start_registry();
     let proxy = Proxy::start(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
@@ -219,4 +219,55 @@ fn dry_run_prints_the_plan_and_sends_nothing() {
     assert!(text.contains("push to dev: 6 images; 0 blobs to upload (0B), 0 to mount"), "{text}");
     assert!(text.contains("(unchanged)") && !text.contains("(new)"), "{text}");
     assert!(writes(&proxy.take()).is_empty());
+}
+
+#[test]
+fn pushed_images_carry_the_oci_labels_and_annotations() {
+    let registry = start_registry();
+    let dir = fleet(&registry.host, "");
+    let store = tempfile::tempdir().unwrap();
+    let store = store.path();
+    let report = json(dir.path(), store, &["push", "--env", "dev"], 0);
+    let digest_of = |name: &str| -> String {
+        report["report"]["images"].as_array().unwrap().iter().find(|i| i["name"] == name).unwrap()
+            ["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let head = fixture::git_head(dir.path());
+    let api = format!("{}/dev/acme/api:dev", registry.host);
+    let manifest = skopeo_inspect(&api).unwrap();
+    let ann = &manifest["annotations"];
+    assert_eq!(ann["org.opencontainers.image.version"], "2.0.0");
+    assert_eq!(ann["org.opencontainers.image.revision"], head.as_str());
+    assert_eq!(ann["org.opencontainers.image.created"], "2026-01-02T03:04:05Z");
+    assert_eq!(ann["org.opencontainers.image.source"], "https://example.com/acme");
+    assert_eq!(ann["org.opencontainers.image.title"], "acme api", "the Dockerfile's LABEL stays");
+    assert_eq!(ann["org.opencontainers.image.base.name"], "acme/runtime:1.4.2");
+    assert_eq!(ann["org.opencontainers.image.base.digest"], digest_of("runtime").as_str());
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--config"])
+        .arg(format!("docker://{api}"))
+        .output()
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let labels = &config["config"]["Labels"];
+    for key in ["version", "revision", "created", "source", "title", "base.name", "base.digest"] {
+        let key = format!("org.opencontainers.image.{key}");
+        assert_eq!(labels[&key], ann[&key], "{key}");
+    }
+    assert_eq!(labels["org.opencontainers.image.vendor"], "Acme", "inherited labels stay");
+    // runtime inherits nothing of base's identity: its own version and title, base = base.
+    let runtime = skopeo_inspect(&format!("{}/dev/acme/runtime:dev", registry.host)).unwrap();
+    assert_eq!(runtime["annotations"]["org.opencontainers.image.title"], "runtime");
+    assert_eq!(
+        runtime["annotations"]["org.opencontainers.image.base.digest"],
+        digest_of("base").as_str()
+    );
+    let base = skopeo_inspect(&format!("{}/dev/acme/base:dev", registry.host)).unwrap();
+    assert!(
+        base["annotations"].get("org.opencontainers.image.base.name").is_none(),
+        "FROM scratch"
+    );
 }

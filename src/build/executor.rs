@@ -24,6 +24,7 @@ use crate::manifest::Image;
 use crate::oci::{
     media_type, ContainerConfig, Descriptor, History, ImageConfig, ImageManifest, RootFs,
 };
+use crate::release::labels::{self, BaseImage};
 use crate::sandbox::{Network, RunMount, RunSpec, Sandbox, SecretBytes};
 use crate::store::Store;
 
@@ -115,6 +116,8 @@ struct StageState {
     /// a LABEL does not invalidate the RUN after it (as in BuildKit).
     key: CacheKey,
     args: Vars,
+    /// The image the stage chain starts from, for the base.* annotations.
+    base: Option<BaseImage>,
 }
 
 /// Shared by every image of one build.
@@ -280,6 +283,7 @@ impl Executor<'_> {
             history: Vec::new(),
             key: CacheKey::scratch(&self.options.platform),
             args: Vars::new(),
+            base: None,
         }
     }
 
@@ -292,6 +296,15 @@ impl Executor<'_> {
             history: built.config.history.clone(),
             key: CacheKey::image(&built.manifest.digest),
             args: Vars::new(),
+            base: Some(BaseImage {
+                name: match built.config.config.as_ref().and_then(|c| c.labels.get(labels::VERSION))
+                {
+                    Some(v) => format!("{}:{v}", built.repository),
+                    None => built.repository.clone(),
+                },
+                digest: built.manifest.digest.clone(),
+                labels: built.config.config.as_ref().map(|c| c.labels.clone()).unwrap_or_default(),
+            }),
         }
     }
 
@@ -322,6 +335,11 @@ impl Executor<'_> {
             history: img.config.history.clone(),
             key: CacheKey::image(img.digest()),
             args: Vars::new(),
+            base: Some(BaseImage {
+                name: reference.to_string(),
+                digest: img.digest().clone(),
+                labels: img.config.config.as_ref().map(|c| c.labels.clone()).unwrap_or_default(),
+            }),
         })
     }
 
@@ -1212,9 +1230,13 @@ impl Executor<'_> {
     ) -> Result<BuiltImage, BuildError> {
         let err = |message: String| BuildError::Image { image: image.name.clone(), message };
         let mut container = state.config;
-        for (k, v) in &image.labels {
-            container.labels.insert(k.clone(), v.clone());
-        }
+        let annotations = labels::apply(
+            &mut container.labels,
+            image,
+            &self.created(),
+            state.base.as_ref(),
+            &labels::Provenance::discover(image),
+        );
         let (os, arch) = self.options.platform.split_once('/').unwrap_or(("linux", "amd64"));
         let config = ImageConfig {
             created: Some(self.created()),
@@ -1235,7 +1257,7 @@ impl Executor<'_> {
             config: config_desc,
             layers: state.layers.clone(),
             subject: None,
-            annotations: BTreeMap::new(),
+            annotations,
         };
         let manifest_desc = self
             .store

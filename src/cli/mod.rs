@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod build;
+mod check;
 mod fleet;
 mod graph;
 mod output;
@@ -140,6 +141,8 @@ pub enum Command {
     Cache(cache::CacheArgs),
     /// Build, upload and tag the images for an environment (tags move only once every image is uploaded).
     Push(push::PushArgs),
+    /// Check the semantic-version policy (for CI): semver, release_only, bumps.
+    Check(check::CheckArgs),
     /// Copy images from one environment to another by digest, then apply its tags.
     Promote(promote::PromoteArgs),
 }
@@ -195,6 +198,7 @@ fn run(cli: Cli, printer: &Printer) -> CliResult {
         Command::Login(args) => login::run(&cli.global, args, printer),
         Command::Cache(args) => cache::run(&cli.global, args, printer),
         Command::Push(args) => push::run(&cli.global, args, printer),
+        Command::Check(args) => check::run(&cli.global, args, printer),
         Command::Promote(args) => promote::run(&cli.global, args, printer),
     }
 }

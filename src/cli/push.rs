@@ -10,12 +10,12 @@ use ferry::manifest::{Environment, Manifest};
 use ferry::plan::{Plan, SourceInfo};
 use ferry::reference::{Reference, Repository};
 use ferry::registry::RegistryClient;
+use ferry::release::layer_compression;
 use ferry::release::push::{
     self, BlobAction, ImageSource, PushEvent, PushImage, PushOptions, PushPlan, PushReport,
     PushStatus, TagAction,
 };
 use ferry::release::variants::{PushableManifest, Variants};
-use ferry::release::{layer_compression, registry_config};
 use ferry::store::Store;
 
 use super::build::{human_size, source_date_epoch, Progress};
@@ -207,7 +207,7 @@ pub fn run(global: &GlobalArgs, args: PushArgs, printer: &Printer) -> CliResult 
         });
     }
 
-    let client = RegistryClient::new(registry_config(&manifest));
+    let client = RegistryClient::new(ferry::registry::RegistryConfig::for_manifest(&manifest));
     let push_plan =
         push::plan(&client, &env.name, env.immutable, images, jobs(global)).map_err(invalid)?;
     if args.dry_run {

@@ -2,77 +2,26 @@
 //! loopback port, a counting and fault-injecting HTTP proxy in front of it, the example
 //! fleet pointed at it, and skopeo as an independent reader.
 //!
-//! The registry and proxy parts follow the shared harness of the registry tests; they are
-//! kept here until that one is on main.
+//! The registry comes from the shared harness (tests/common); the proxy here also counts
+//! request bodies and can change its rule between commands, which upload counting needs.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 #[path = "../fixture/mod.rs"]
 pub mod fixture;
 
-/// A running `docker-registry`, killed when dropped.
-pub struct TestRegistry {
-    /// `127.0.0.1:PORT`
-    pub host: String,
-    dir: tempfile::TempDir,
-    child: Child,
-}
+#[path = "../common/mod.rs"]
+pub mod common;
 
-impl TestRegistry {
-    pub fn start() -> TestRegistry {
-        let dir = tempfile::tempdir().unwrap();
-        let host = format!("127.0.0.1:{}", free_port());
-        let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
-            dir.path().join("data").display()
-        );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry must be installed (Debian package docker-registry)");
-        let mut reg = TestRegistry { host, dir, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = reg.child.try_wait() {
-                panic!("docker-registry exited ({status}): {}", reg.log());
-            }
-            if TcpStream::connect(&reg.host).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "docker-registry did not start: {}", reg.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        reg
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for TestRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A real registry on a free loopback port (plain HTTP, no auth), killed when dropped.
+pub fn start_registry() -> common::TestRegistry {
+    common::TestRegistry::start(common::RegistryOptions::default())
 }
 
 // ---------------------------------------------------------------------------------------

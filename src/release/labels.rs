@@ -1,0 +1,224 @@
+//! The OCI annotations every built image carries, in its config labels and its manifest
+//! annotations: `org.opencontainers.image.{version,revision,created,source,title}` and
+//! `org.opencontainers.image.base.{name,digest}`.
+//!
+//! They are part of the image, so they change its digest; they are chosen so that the
+//! digest still depends only on the image's inputs:
+//! - `revision` is the last commit that touched the image's context or Dockerfile, not
+//!   HEAD: with HEAD every commit anywhere would change every digest, and `ferry check`
+//!   would demand a bump of every image on every commit;
+//! - `created` is the build's SOURCE_DATE_EPOCH time, as the config's `created`.
+//!
+//! Precedence: images.toml `labels` win over everything; then the values ferry knows
+//! (version, revision, created, base.*); `title` and `source` only fill a gap, so a
+//! Dockerfile `LABEL org.opencontainers.image.title=...` stays. A value merely inherited
+//! from the parent image (equal to the parent's) is not this image's: it is replaced or,
+//! for version and revision when this image has none, removed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use crate::digest::Digest;
+use crate::manifest::Image;
+
+pub const VERSION: &str = "org.opencontainers.image.version";
+pub const REVISION: &str = "org.opencontainers.image.revision";
+pub const CREATED: &str = "org.opencontainers.image.created";
+pub const SOURCE: &str = "org.opencontainers.image.source";
+pub const TITLE: &str = "org.opencontainers.image.title";
+pub const BASE_NAME: &str = "org.opencontainers.image.base.name";
+pub const BASE_DIGEST: &str = "org.opencontainers.image.base.digest";
+
+/// The keys this module manages, which also become manifest annotations.
+pub const KEYS: [&str; 7] = [VERSION, REVISION, CREATED, SOURCE, TITLE, BASE_NAME, BASE_DIGEST];
+
+/// The image a target stage starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseImage {
+    /// A reference: `<repository>:<version>` for an image of the manifest, the FROM as
+    /// written for an external one.
+    pub name: String,
+    pub digest: Digest,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Facts about the source that labels use, found once per image.
+#[derive(Debug, Clone, Default)]
+pub struct Provenance {
+    pub revision: Option<String>,
+    pub source: Option<String>,
+}
+
+impl Provenance {
+    /// Ask git about the image's inputs: the last commit touching them, and the `origin`
+    /// remote's URL (without credentials). Outside a git repository, nothing.
+    pub fn discover(image: &Image) -> Provenance {
+        // Absolute paths: the context is relative to the process's directory, and git is
+        // run from inside the context.
+        let Ok(dir) = std::fs::canonicalize(&image.context) else {
+            return Provenance::default();
+        };
+        let mut paths = vec![dir.clone()];
+        if let Ok(df) = std::fs::canonicalize(&image.dockerfile) {
+            if !df.starts_with(&dir) {
+                paths.push(df);
+            }
+        }
+        let dir = &dir;
+        let mut args: Vec<String> =
+            vec!["log".into(), "-1".into(), "--format=%H".into(), "--".into()];
+        args.extend(paths.iter().map(|p| p.to_string_lossy().to_string()));
+        let revision = git(dir, &args);
+        let source = git(dir, &["config".into(), "--get".into(), "remote.origin.url".into()])
+            .map(|u| strip_credentials(&u));
+        Provenance { revision, source }
+    }
+}
+
+fn git(dir: &Path, args: &[String]) -> Option<String> {
+    let out = Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// `https://user:token@host/x` → `https://host/x`: labels are public.
+fn strip_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((cred, host)) if !cred.contains('/') => format!("{scheme}://{host}"),
+            _ => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// Apply the standard labels to `labels` (the config's, after the Dockerfile and images.toml
+/// labels); returns the manifest annotations.
+pub fn apply(
+    labels: &mut BTreeMap<String, String>,
+    image: &Image,
+    created: &str,
+    base: Option<&BaseImage>,
+    provenance: &Provenance,
+) -> BTreeMap<String, String> {
+    let inherited = |labels: &BTreeMap<String, String>, key: &str| match (labels.get(key), base) {
+        (Some(v), Some(b)) => b.labels.get(key) == Some(v),
+        _ => false,
+    };
+    let set_or_drop =
+        |labels: &mut BTreeMap<String, String>, key: &str, value: Option<String>| match value {
+            Some(v) => {
+                labels.insert(key.to_string(), v);
+            }
+            None if inherited(labels, key) => {
+                labels.remove(key);
+            }
+            None => {}
+        };
+    set_or_drop(labels, VERSION, image.version.as_ref().map(ToString::to_string));
+    set_or_drop(labels, REVISION, provenance.revision.clone());
+    labels.insert(CREATED.to_string(), created.to_string());
+    match base {
+        Some(b) => {
+            labels.insert(BASE_NAME.to_string(), b.name.clone());
+            labels.insert(BASE_DIGEST.to_string(), b.digest.to_string());
+        }
+        None => {
+            labels.remove(BASE_NAME);
+            labels.remove(BASE_DIGEST);
+        }
+    }
+    if !labels.contains_key(TITLE) || inherited(labels, TITLE) {
+        labels.insert(TITLE.to_string(), image.name.clone());
+    }
+    if !labels.contains_key(SOURCE) {
+        if let Some(s) = &provenance.source {
+            labels.insert(SOURCE.to_string(), s.clone());
+        }
+    }
+    for (k, v) in &image.labels {
+        labels.insert(k.clone(), v.clone());
+    }
+    KEYS.iter().filter_map(|k| labels.get(*k).map(|v| (k.to_string(), v.clone()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(name: &str, version: Option<&str>) -> Image {
+        Image {
+            name: name.into(),
+            context_rel: "c".into(),
+            context: "c".into(),
+            dockerfile_rel: "Dockerfile".into(),
+            dockerfile: "c/Dockerfile".into(),
+            version: version.map(|v| semver::Version::parse(v).unwrap()),
+            args: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            target: None,
+            repository: format!("acme/{name}"),
+            depends_on: Vec::new(),
+            tags: Vec::new(),
+            span: 0..0,
+        }
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn inherited_values_are_replaced_and_own_ones_kept() {
+        let base = BaseImage {
+            name: "acme/base:1.0.0".into(),
+            digest: Digest::of(b"base"),
+            labels: map(&[
+                (VERSION, "1.0.0"),
+                (TITLE, "base"),
+                (REVISION, "r1"),
+                ("vendor", "Acme"),
+            ]),
+        };
+        // Inherited from the parent, as a child's config starts.
+        let mut labels = base.labels.clone();
+        let prov = Provenance { revision: None, source: Some("https://git.example/acme".into()) };
+        let ann =
+            apply(&mut labels, &image("app", None), "2026-01-01T00:00:00Z", Some(&base), &prov);
+        assert_eq!(labels.get(VERSION), None, "the parent's version is not the child's");
+        assert_eq!(labels.get(REVISION), None);
+        assert_eq!(labels[TITLE], "app");
+        assert_eq!(labels["vendor"], "Acme");
+        assert_eq!(labels[BASE_NAME], "acme/base:1.0.0");
+        assert_eq!(labels[BASE_DIGEST], Digest::of(b"base").to_string());
+        assert_eq!(labels[SOURCE], "https://git.example/acme");
+        assert_eq!(labels[CREATED], "2026-01-01T00:00:00Z");
+        assert!(!ann.contains_key("vendor"));
+        assert_eq!(ann.len(), 5);
+
+        // A title the Dockerfile set stays; images.toml wins over everything.
+        let mut labels = map(&[(TITLE, "acme api")]);
+        let mut img = image("api", Some("2.0.0"));
+        img.labels = map(&[(SOURCE, "https://example.com/acme")]);
+        let prov = Provenance { revision: Some("abc".into()), source: Some("x".into()) };
+        let ann = apply(&mut labels, &img, "t", None, &prov);
+        assert_eq!(labels[TITLE], "acme api");
+        assert_eq!(labels[VERSION], "2.0.0");
+        assert_eq!(labels[REVISION], "abc");
+        assert_eq!(labels[SOURCE], "https://example.com/acme");
+        assert!(!labels.contains_key(BASE_NAME));
+        assert_eq!(ann, labels);
+    }
+
+    #[test]
+    fn credentials_never_reach_a_label() {
+        assert_eq!(
+            strip_credentials("https://u:tok@git.example/a.git"),
+            "https://git.example/a.git"
+        );
+        assert_eq!(strip_credentials("git@github.com:a/b.git"), "git@github.com:a/b.git");
+    }
+}
