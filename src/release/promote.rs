@@ -269,13 +269,28 @@ impl PromotionPlan {
         }
         let stats = Stats::default();
         let failures = Mutex::new(Vec::new());
-        run_parallel(jobs, &self.images, |img| {
-            if let Some(work) = &img.work {
-                if let Err(e) = copy_content(registry, work, &stats) {
-                    lock(&failures).push(format!("image `{}`: {e}", img.image));
-                }
+        // Every missing blob of every image at once (a big image's layers in parallel too),
+        // then each image's manifests, children before the index that names them.
+        let blobs: Vec<(&ImagePlan, &CopyWork, &Descriptor)> = self
+            .images
+            .iter()
+            .filter_map(|img| img.work.as_ref().map(|w| (img, w)))
+            .flat_map(|(img, w)| w.blobs.iter().map(move |b| (img, w, b)))
+            .collect();
+        run_parallel(jobs, &blobs, |(img, work, blob)| {
+            if let Err(e) = copy_blob(registry, &work.src, &work.dst, blob, &stats) {
+                lock(&failures).push(format!("image `{}`: {e}", img.image));
             }
         });
+        if lock(&failures).is_empty() {
+            run_parallel(jobs, &self.images, |img| {
+                if let Some(work) = &img.work {
+                    if let Err(e) = copy_manifests(registry, work, &stats) {
+                        lock(&failures).push(format!("image `{}`: {e}", img.image));
+                    }
+                }
+            });
+        }
         report.stats = stats.snapshot();
         let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
         if !failures.is_empty() {
@@ -778,15 +793,12 @@ fn missing_content(
     Ok(())
 }
 
-/// Blobs, then manifests by digest (children before the index that names them).
-fn copy_content(
+/// Put an image's manifests by digest (its blobs are in the destination already).
+fn copy_manifests(
     registry: &dyn Registry,
     work: &CopyWork,
     stats: &Stats,
 ) -> Result<(), RegistryError> {
-    for b in &work.blobs {
-        copy_blob(registry, &work.src, &work.dst, b, stats)?;
-    }
     let referrers: BTreeSet<&Digest> = work.referrers.iter().map(|r| &r.digest).collect();
     for m in &work.manifests {
         registry.put_manifest(&work.dst, &m.digest.to_string(), &m.media_type, &m.bytes)?;
