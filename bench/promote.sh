@@ -24,7 +24,7 @@ WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -118,7 +118,7 @@ skopeo_each() { # destination registry and namespace
     done
 }
 
-t0=$(now); "$FERRY" -q -C "$FLEET" --store "$STORE" promote --from staging --to prod >/dev/null; t1=$(now)
+t0=$(now); "$FERRY" -q -C "$FLEET" --store "$STORE" promote --from staging --to prod >/dev/null 2>"$WORK/promote.log"; t1=$(now)
 FERRY_ONE=$(elapsed "$t0" "$t1")
 t0=$(now); skopeo_each "$ONE/skopeo"; t1=$(now)
 SKOPEO_ONE=$(elapsed "$t0" "$t1")
