@@ -118,13 +118,13 @@ skopeo_each() { # destination registry and namespace
     done
 }
 
-t0=$(now); "$FERRY" -q -C "$FLEET" --store "$STORE" promote --from staging --to prod >/dev/null 2>"$WORK/promote.log"; t1=$(now)
+t0=$(now); "$FERRY" -q -C "$FLEET" --store "$STORE" ${FERRY_ARGS:-} promote --from staging --to prod >/dev/null 2>"$WORK/promote.log"; t1=$(now)
 FERRY_ONE=$(elapsed "$t0" "$t1")
 t0=$(now); skopeo_each "$ONE/skopeo"; t1=$(now)
 SKOPEO_ONE=$(elapsed "$t0" "$t1")
-t0=$(now); "$FERRY" -q -C "$FLEET" --store "$STORE" promote --from staging --to prod >/dev/null; t1=$(now)
+t0=$(now); "$FERRY" -q -C "$FLEET" --store "$STORE" ${FERRY_ARGS:-} promote --from staging --to prod >/dev/null; t1=$(now)
 FERRY_NOOP=$(elapsed "$t0" "$t1")
-t0=$(now); "$FERRY" -q -C "$FLEET" --store "$STORE" promote --from staging --to remote >/dev/null; t1=$(now)
+t0=$(now); "$FERRY" -q -C "$FLEET" --store "$STORE" ${FERRY_ARGS:-} promote --from staging --to remote >/dev/null; t1=$(now)
 FERRY_TWO=$(elapsed "$t0" "$t1")
 t0=$(now); skopeo_each "$TWO/skopeo"; t1=$(now)
 SKOPEO_TWO=$(elapsed "$t0" "$t1")
