@@ -269,13 +269,28 @@ impl PromotionPlan {
         }
         let stats = Stats::default();
         let failures = Mutex::new(Vec::new());
-        run_parallel(jobs, &self.images, |img| {
-            if let Some(work) = &img.work {
-                if let Err(e) = copy_content(registry, work, &stats) {
-                    lock(&failures).push(format!("image `{}`: {e}", img.image));
-                }
+        // Every missing blob of every image at once (a big image's layers in parallel too),
+        // then each image's manifests, children before the index that names them.
+        let blobs: Vec<(&ImagePlan, &CopyWork, &Descriptor)> = self
+            .images
+            .iter()
+            .filter_map(|img| img.work.as_ref().map(|w| (img, w)))
+            .flat_map(|(img, w)| w.blobs.iter().map(move |b| (img, w, b)))
+            .collect();
+        run_parallel(jobs, &blobs, |(img, work, blob)| {
+            if let Err(e) = copy_blob(registry, &work.src, &work.dst, blob, &stats) {
+                lock(&failures).push(format!("image `{}`: {e}", img.image));
             }
         });
+        if lock(&failures).is_empty() {
+            run_parallel(jobs, &self.images, |img| {
+                if let Some(work) = &img.work {
+                    if let Err(e) = copy_manifests(registry, work, &stats) {
+                        lock(&failures).push(format!("image `{}`: {e}", img.image));
+                    }
+                }
+            });
+        }
         report.stats = stats.snapshot();
         let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
         if !failures.is_empty() {
@@ -303,16 +318,54 @@ impl PromotionPlan {
                 }
             }
         }
+        // Tags of every image at once: registries take tens of milliseconds per manifest
+        // PUT, and the all-or-nothing decision has been made above.
+        let moves: Vec<(&ImagePlan, &CopyWork, &TagPlan)> = self
+            .images
+            .iter()
+            .filter_map(|img| img.work.as_ref().map(|w| (img, w)))
+            .flat_map(|(img, w)| img.tags.iter().map(move |t| (img, w, t)))
+            .filter(|(_, _, t)| matches!(t.action, TagAction::Create | TagAction::Move { .. }))
+            .collect();
+        let moved: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
+        let failures = Mutex::new(Vec::new());
+        run_parallel(jobs, &moves, |(img, work, t)| {
+            let m = match work.digest_tags.iter().find(|(tag, _)| *tag == t.tag) {
+                Some((_, m)) => m,
+                None => &work.top,
+            };
+            match registry.put_manifest(&work.dst, &t.tag, &m.media_type, &m.bytes) {
+                Ok(_) => {
+                    lock(&moved).insert((img.image.clone(), t.tag.clone()));
+                }
+                Err(e) => lock(&failures).push(format!("image `{}`: {e}", img.image)),
+            }
+        });
+        run_parallel(jobs, &self.images, |img| {
+            let Some(work) = &img.work else { return };
+            if work.referrers.is_empty() {
+                return;
+            }
+            if let Err(e) = update_referrers_index(registry, work) {
+                lock(&failures).push(format!("image `{}`: {e}", img.image));
+            }
+        });
+        let moved = moved.into_inner().unwrap_or_else(|p| p.into_inner());
+        report.stats.tags_moved = moved.len() as u64;
         for img in &self.images {
-            let Some(work) = &img.work else { continue };
-            match apply_tags(registry, img, work, &mut report) {
-                Ok(()) => {}
-                Err(e) => {
-                    report.outcome = Outcome::Failed;
-                    report.failures.push(format!("image `{}`: {e}", img.image));
-                    return report;
+            for t in &img.tags {
+                let now_there = t.action == TagAction::Unchanged
+                    || moved.contains(&(img.image.clone(), t.tag.clone()));
+                if now_there {
+                    report.tagged.push(format!("{}:{}", img.destination, t.tag));
                 }
             }
+        }
+        let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !failures.is_empty() {
+            report.outcome = Outcome::Failed;
+            report.failures = failures;
+            return report;
         }
         report.outcome = Outcome::Promoted;
         report
@@ -778,15 +831,12 @@ fn missing_content(
     Ok(())
 }
 
-/// Blobs, then manifests by digest (children before the index that names them).
-fn copy_content(
+/// Put an image's manifests by digest (its blobs are in the destination already).
+fn copy_manifests(
     registry: &dyn Registry,
     work: &CopyWork,
     stats: &Stats,
 ) -> Result<(), RegistryError> {
-    for b in &work.blobs {
-        copy_blob(registry, &work.src, &work.dst, b, stats)?;
-    }
     let referrers: BTreeSet<&Digest> = work.referrers.iter().map(|r| &r.digest).collect();
     for m in &work.manifests {
         registry.put_manifest(&work.dst, &m.digest.to_string(), &m.media_type, &m.bytes)?;
@@ -868,36 +918,6 @@ fn recheck_conflicts(
         }
     }
     Ok(out)
-}
-
-fn apply_tags(
-    registry: &dyn Registry,
-    img: &ImagePlan,
-    work: &CopyWork,
-    report: &mut PromotionReport,
-) -> Result<(), RegistryError> {
-    let put = |tag: &str, m: &FetchedManifest| {
-        registry.put_manifest(&work.dst, tag, &m.media_type, &m.bytes).map(|_| ())
-    };
-    for t in &img.tags {
-        let manifest = match work.digest_tags.iter().find(|(tag, _)| *tag == t.tag) {
-            Some((_, m)) => m,
-            None => &work.top,
-        };
-        match t.action {
-            TagAction::Create | TagAction::Move { .. } => {
-                put(&t.tag, manifest)?;
-                report.stats.tags_moved += 1;
-                report.tagged.push(format!("{}:{}", img.destination, t.tag));
-            }
-            TagAction::Unchanged => report.tagged.push(format!("{}:{}", img.destination, t.tag)),
-            TagAction::Conflict { .. } | TagAction::Keep { .. } => {}
-        }
-    }
-    if !work.referrers.is_empty() {
-        update_referrers_index(registry, work)?;
-    }
-    Ok(())
 }
 
 /// Make the destination list the promoted referrers. A registry with the referrers API
