@@ -33,8 +33,13 @@ pub fn run(global: &GlobalArgs, args: PruneArgs, printer: &Printer) -> CliResult
     Ok(ExitStatus::Success)
 }
 
-/// Blobs the build cache still points at: prune keeps them (a layer cached but no longer in
-/// any image still saves a rebuild).
+/// Blobs the build cache and the compression variants still point at: prune keeps them (a
+/// layer cached but no longer in any image still saves a rebuild; a gzip variant a re-push).
 pub(super) fn cache_roots(store: &ferry::store::Store) -> Vec<ferry::digest::Digest> {
-    ferry::build::cache::CacheIndex::open(store).map(|c| c.blobs()).unwrap_or_default()
+    let mut roots =
+        ferry::build::cache::CacheIndex::open(store).map(|c| c.blobs()).unwrap_or_default();
+    if let Ok(variants) = ferry::release::variants::Variants::open(store) {
+        roots.extend(variants.blobs());
+    }
+    roots
 }
