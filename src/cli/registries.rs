@@ -7,21 +7,7 @@ use ferry::registry::RegistryConfig;
 
 /// The registry settings for a command run inside a project.
 pub fn registry_config(manifest: &Manifest) -> RegistryConfig {
-    let mut config = RegistryConfig::from_environment();
-    for (host, settings) in &manifest.registries {
-        let h = config.host_mut(host);
-        h.insecure |= settings.insecure;
-        // The project's mirrors are tried before any the machine knows.
-        let mut mirrors = settings.mirrors.clone();
-        mirrors.extend(h.mirrors.drain(..).filter(|m| !settings.mirrors.contains(m)));
-        h.mirrors = mirrors;
-        if let Some(ca) = &settings.ca_file {
-            if !h.ca_files.contains(ca) {
-                h.ca_files.push(ca.clone());
-            }
-        }
-    }
-    config
+    RegistryConfig::for_manifest(manifest)
 }
 
 #[cfg(test)]

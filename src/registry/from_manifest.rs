@@ -12,8 +12,15 @@ impl RegistryConfig {
         for (host, settings) in &manifest.registries {
             let h = config.host_mut(host);
             h.insecure |= settings.insecure;
-            h.mirrors.extend(settings.mirrors.iter().cloned());
-            h.ca_files.extend(settings.ca_file.iter().cloned());
+            // The project's mirrors are tried before any the machine knows.
+            let mut mirrors = settings.mirrors.clone();
+            mirrors.extend(h.mirrors.drain(..).filter(|m| !settings.mirrors.contains(m)));
+            h.mirrors = mirrors;
+            if let Some(ca) = &settings.ca_file {
+                if !h.ca_files.contains(ca) {
+                    h.ca_files.push(ca.clone());
+                }
+            }
         }
         config
     }
