@@ -264,7 +264,7 @@ fn independent_stages_run_concurrently() {
 
 #[test]
 fn network_bind_tmpfs_healthcheck_maintainer_escape() {
-    let child = "# escape=`\nFROM --platform=$BUILDPLATFORM bb AS tools\nRUN mkdir -p /opt && echo from-tools > /opt/t\n\nFROM bb\nMAINTAINER Acme Ops <ops@example.com>\nRUN --network=none cat /proc/net/dev | grep -c : > /ifaces\nRUN --mount=type=bind,source=data.txt,target=/in/data.txt cp /in/data.txt /copied `\n && test ! -w /in/data.txt || true\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /from-tools\nRUN --mount=type=tmpfs,target=/scratch echo temp > /scratch/f && cp /scratch/f /tmpfs-worked\nHEALTHCHECK --interval=5s --retries=2 CMD wget -q -O- localhost || exit 1\n";
+    let child = "# escape=`\nFROM --platform=$BUILDPLATFORM bb AS tools\nRUN mkdir -p /opt && echo from-tools > /opt/t\n\nFROM bb\nMAINTAINER Acme Ops <ops@example.com>\nRUN --network=none cat /proc/net/dev | grep -c : > /ifaces\nRUN --mount=type=bind,source=data.txt,target=/in/data.txt cp /in/data.txt /copied `\n && test ! -w /in/data.txt || true\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /from-tools\nRUN --mount=type=bind,target=/ctx,rw echo changed > /ctx/data.txt && cat /ctx/data.txt > /rw-context\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools,rw echo more >> /mnt/tools/t && cat /mnt/tools/t > /rw-tools\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /tools-again\nRUN --mount=type=tmpfs,target=/scratch echo temp > /scratch/f && cp /scratch/f /tmpfs-worked\nHEALTHCHECK --interval=5s --retries=2 CMD wget -q -O- localhost || exit 1\n";
     let dir = project(&[
         ("images.toml", MANIFEST),
         ("bb/Dockerfile", BUSYBOX_BASE),
@@ -285,6 +285,19 @@ fn network_bind_tmpfs_healthcheck_maintainer_escape() {
     assert!(!rootfs.join("in").exists(), "bind mount targets leave no trace");
     assert_eq!(std::fs::read_to_string(rootfs.join("from-tools")).unwrap(), "from-tools\n");
     assert!(!rootfs.join("mnt").exists());
+    // Writable bind mounts: the step sees its writes, which are then thrown away.
+    assert_eq!(std::fs::read_to_string(rootfs.join("rw-context")).unwrap(), "changed\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("child/data.txt")).unwrap(),
+        "context data\n",
+        "a writable mount never writes into the build context"
+    );
+    assert_eq!(std::fs::read_to_string(rootfs.join("rw-tools")).unwrap(), "from-tools\nmore\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tools-again")).unwrap(),
+        "from-tools\n",
+        "a writable mount from a stage never changes that stage"
+    );
     assert_eq!(std::fs::read_to_string(rootfs.join("tmpfs-worked")).unwrap(), "temp\n");
     assert!(!rootfs.join("scratch").exists(), "tmpfs content is not captured");
     let cfg = fixture::raw_config(store.path(), "child");
