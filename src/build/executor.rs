@@ -225,6 +225,40 @@ impl Executor<'_> {
         self.commit_image(image, target, steps)
     }
 
+    /// `FROM --platform=P`: ferry builds for the platform it runs on (RUN executes natively,
+    /// without emulation), so P must name that platform, as `$BUILDPLATFORM` and
+    /// `$TARGETPLATFORM` do.
+    fn check_platform(&self, ctx: &StageContext<'_>) -> Result<(), BuildError> {
+        let from = &ctx.df.stages[ctx.index].from;
+        let Some(word) = &from.platform else { return Ok(()) };
+        let err = |message: String| BuildError::Step {
+            file: ctx.df.file.name.clone(),
+            line: from.line,
+            message,
+        };
+        let mut vars = ctx.global.clone();
+        for name in
+            ["BUILDPLATFORM", "TARGETPLATFORM", "BUILDOS", "TARGETOS", "BUILDARCH", "TARGETARCH"]
+        {
+            if let Some(v) = builtin_arg(name, &self.options.platform) {
+                vars.entry(name.to_string()).or_insert(v);
+            }
+        }
+        let lexer = Lexer { escape: ctx.df.escape };
+        let value = lexer.expand_word(word, &vars).map_err(|e| err(e.to_string()))?;
+        let wanted = value.to_lowercase();
+        let host = &self.options.platform;
+        // `linux/amd64/v1` and friends: a variant of the host's architecture is the host.
+        let same = wanted == *host
+            || wanted.strip_prefix(host.as_str()).is_some_and(|rest| rest.starts_with('/'));
+        if !same {
+            return Err(err(format!(
+                "FROM --platform={value}: ferry builds for the platform it runs on ({host}) and cannot build {value} images"
+            )));
+        }
+        Ok(())
+    }
+
     /// Run one stage: its base, the base's ONBUILD triggers, then its instructions.
     fn build_stage(
         &self,
@@ -232,6 +266,7 @@ impl Executor<'_> {
         node: &ImageNode,
     ) -> Result<(StageState, Vec<StepReport>), BuildError> {
         let (image, df, index) = (ctx.image, ctx.df, ctx.index);
+        self.check_platform(ctx)?;
         let base = node.stage_bases.get(&index).cloned().unwrap_or(BaseRef::Scratch);
         let mut state = match &base {
             BaseRef::Scratch => self.scratch(),
@@ -1296,7 +1331,6 @@ impl Executor<'_> {
     }
 }
 
-/// The values docker gives the automatic platform ARGs when a stage declares them.
 /// Add a layer to the stage: the filesystem is now `key`.
 fn push_layer(
     state: &mut StageState,
@@ -1315,6 +1349,7 @@ fn push_layer(
     state.key = key;
 }
 
+/// The values docker gives the automatic platform ARGs when a stage declares them.
 fn builtin_arg(name: &str, platform: &str) -> Option<String> {
     let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
     match name {
