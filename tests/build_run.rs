@@ -189,7 +189,7 @@ fn heredocs_onbuild_and_shell() {
     let dir = project(&[
         ("images.toml", "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.parent]\ncontext = \"parent\"\n\n[images.child]\ncontext = \"child\"\n"),
         ("bb/Dockerfile", BUSYBOX_BASE),
-        ("parent/Dockerfile", "FROM bb\nONBUILD RUN echo triggered > /onbuild\nRUN <<EOF\nset -e\necho one > /heredoc\necho two >> /heredoc\nEOF\nCOPY <<notes.txt /etc/\nfirst line\nEOF-not-the-end\nnotes.txt\nSHELL [\"/bin/sh\", \"-e\", \"-c\"]\nRUN echo \"$0 $-\" > /via-shell\nENV WHO=shell\nRUN cat <<EOT > /shell-heredoc && cat <<'RAW' >> /shell-heredoc\nfrom a $WHO heredoc\nEOT\nkept $WHO\nRAW\n"),
+        ("parent/Dockerfile", "FROM bb\nONBUILD RUN echo triggered > /onbuild\nRUN <<EOF\nset -e\necho one > /heredoc\necho two >> /heredoc\nEOF\nCOPY <<notes.txt /etc/\nfirst line\nEOF-not-the-end\nnotes.txt\nSHELL [\"/bin/sh\", \"-e\", \"-c\"]\nRUN echo \"$0 $-\" > /via-shell\nENV WHO=shell\nRUN cat <<EOT > /shell-heredoc && cat <<'RAW' >> /shell-heredoc\nfrom a $WHO heredoc\nEOT\nkept $WHO\nRAW\nRUN --network=none <<ONE cat > /first && <<TWO cat > /second\nI am $WHO first\nONE\nI am second\nTWO\n"),
         ("child/Dockerfile", "FROM parent\nRUN test -f /onbuild\n"),
     ]);
     let store = tempfile::tempdir().unwrap();
@@ -207,6 +207,8 @@ fn heredocs_onbuild_and_shell() {
         std::fs::read_to_string(parent.join("shell-heredoc")).unwrap(),
         "from a shell heredoc\nkept $WHO\n"
     );
+    assert_eq!(std::fs::read_to_string(parent.join("first")).unwrap(), "I am shell first\n");
+    assert_eq!(std::fs::read_to_string(parent.join("second")).unwrap(), "I am second\n");
     assert!(!parent.join("onbuild").exists(), "a trigger does not run in its own image");
     let cfg = fixture::raw_config(store.path(), "parent");
     assert_eq!(cfg["config"]["OnBuild"], serde_json::json!(["RUN echo triggered > /onbuild"]));
