@@ -310,13 +310,12 @@ impl MergedView {
 fn place(node: &Node, target: &Path) -> io::Result<()> {
     let file_type = node.meta.file_type();
     if file_type.is_file() {
-        match fs::hard_link(&node.host, target) {
-            Ok(()) => return Ok(()),
-            // Another filesystem, or too many links: copy.
-            Err(_) => {
-                fs::copy(&node.host, target)?;
-            }
+        // A hard link is the file itself, metadata included (and must not be touched:
+        // it is the snapshot's inode). Across filesystems, or at too many links: a copy.
+        if fs::hard_link(&node.host, target).is_ok() {
+            return Ok(());
         }
+        fs::copy(&node.host, target)?;
     } else if file_type.is_symlink() {
         std::os::unix::fs::symlink(fs::read_link(&node.host)?, target)?;
     } else {
