@@ -241,16 +241,6 @@ fn is_manifest_get(method: &str, path: &str) -> bool {
     method == "GET" && path.contains("/manifests/")
 }
 
-/// After a failed pull: no ref, no temp file, no blob that does not hash to its name.
-fn assert_store_clean(ferry: &Ferry) {
-    assert!(ferry.index()["manifests"].as_array().unwrap().is_empty(), "a ref was recorded");
-    let tmp = ferry.store.join("tmp");
-    if tmp.exists() {
-        assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0, "a temp file was left");
-    }
-    ferry.ok(&["cache", "verify"]);
-}
-
 #[test]
 fn bad_gateway_and_unavailable_are_retried_on_every_kind_of_request() {
     let reg = TestRegistry::start(RegistryOptions::default());
@@ -409,7 +399,7 @@ fn a_download_cut_mid_blob_starts_over_and_one_that_always_breaks_off_fails_clea
     );
     assert_eq!(big_gets(&proxy) - before, 3, "the first try and FERRY_REGISTRY_RETRIES=2");
     assert!(!fresh.store.join("blobs/sha256").join(&big[7..]).exists());
-    assert_store_clean(&fresh);
+    fresh.assert_clean_after_failure();
 }
 
 #[test]
@@ -455,7 +445,7 @@ fn a_registry_slower_than_the_timeout_fails_naming_it_and_a_slightly_slow_one_is
         )),
         "{err}"
     );
-    assert_store_clean(&slow);
+    slow.assert_clean_after_failure();
 
     mode.store(2, Ordering::SeqCst);
     let stalled = Ferry::new();
@@ -469,5 +459,5 @@ fn a_registry_slower_than_the_timeout_fails_naming_it_and_a_slightly_slow_one_is
         )),
         "{err}"
     );
-    assert_store_clean(&stalled);
+    stalled.assert_clean_after_failure();
 }

@@ -553,6 +553,16 @@ impl Ferry {
         serde_json::from_slice(&std::fs::read(self.store.join("index.json")).unwrap()).unwrap()
     }
 
+    /// After a failed pull: no ref, no temp file, and `cache verify` finds every blob whole.
+    pub fn assert_clean_after_failure(&self) {
+        assert!(self.index()["manifests"].as_array().unwrap().is_empty(), "a ref was recorded");
+        let tmp = self.store.join("tmp");
+        if tmp.exists() {
+            assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0, "a temp file was left");
+        }
+        self.ok(&["cache", "verify"]);
+    }
+
     /// Write docker's config.json with Basic credentials for `host`.
     pub fn docker_login_file(&self, host: &str, user: &str, pass: &str) {
         use base64::Engine;
