@@ -1241,17 +1241,18 @@ fn describe_io(e: &io::Error, timeout: Duration) -> String {
 
 /// Why a TLS certificate was refused, if that is what failed.
 fn certificate_problem(e: &reqwest::Error) -> Option<String> {
+    // rustls' error sits under hyper's, inside io::Errors that may wrap one another; an
+    // io::Error's `source` skips the error it wraps, so `get_ref` is followed too.
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cur {
-        let tls = c.downcast_ref::<rustls::Error>().or_else(|| {
-            c.downcast_ref::<io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|i| i.downcast_ref::<rustls::Error>())
-        });
-        if let Some(rustls::Error::InvalidCertificate(problem)) = tls {
+        if let Some(rustls::Error::InvalidCertificate(problem)) = c.downcast_ref::<rustls::Error>()
+        {
             return Some(certificate_problem_text(problem));
         }
-        cur = c.source();
+        cur = match c.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
     }
     None
 }
@@ -1266,7 +1267,10 @@ fn certificate_problem_text(e: &rustls::CertificateError) -> String {
         C::Expired | C::ExpiredContext { .. } => "it has expired",
         C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet",
         C::Revoked => "it has been revoked",
-        C::BadSignature => "its signature is invalid",
+        // Typically a CA of the right name but another key: the wrong CA file.
+        C::BadSignature => {
+            "its signature does not verify against the certificate authority it names"
+        }
         C::InvalidPurpose | C::InvalidPurposeContext { .. } => "it is not meant for a TLS server",
         _ => "",
     };
