@@ -3,11 +3,12 @@
 //! the problem, the registry and the two ways out (images.toml `ca_file`, `insecure = true`).
 //! With either, the same commands work.
 
-mod common;
 mod promote_support;
 mod push_support;
 
+// One copy of the shared harness: push_support's (promote_support reads it as crate::common).
 use common::*;
+use push_support::common;
 
 /// The refusal of a certificate from an unknown CA, as `ferry` words it for `host`.
 fn refusal(host: &str) -> String {
