@@ -372,8 +372,7 @@ impl RegistryClient {
                 }
                 Ok(r) => break r,
                 Err(e) => {
-                    let timeout = self.config.timeout;
-                    let err = self.request_error(ep, &Method::GET, &url, &e, attempt, timeout);
+                    let err = self.request_error(ep, &Method::GET, &url, &e, attempt);
                     match self.retry_delay_for(&err, attempt) {
                         Some(d) => std::thread::sleep(d),
                         None => return Err(err),
@@ -517,16 +516,17 @@ impl RegistryClient {
         url: &Url,
         e: &reqwest::Error,
         attempt: u32,
-        timeout: Duration,
     ) -> RegistryError {
         if let Some(problem) = certificate_problem(e) {
             return RegistryError::Tls { registry: ep.name.clone(), problem };
         }
         if e.is_timeout() {
+            // The configured timeout, as the user set it: an upload's extra time to send its
+            // body is not the registry's silence.
             return RegistryError::Timeout {
                 registry: ep.name.clone(),
                 what: request_subject(method, url),
-                after: timeout,
+                after: self.config.timeout,
                 tries: attempt,
             };
         }
@@ -585,7 +585,7 @@ impl RegistryClient {
             tracing::debug!(registry = %ep.name, %method, path = url.path(), attempt, "request");
             match req.send() {
                 Err(e) => {
-                    let err = self.request_error(ep, &method, &url, &e, attempt, timeout);
+                    let err = self.request_error(ep, &method, &url, &e, attempt);
                     if let Some(delay) = self.retry_delay_for(&err, attempt).filter(|_| retry) {
                         tracing::info!(registry = %ep.name, error = %err, ?delay, "retrying");
                         std::thread::sleep(delay);
@@ -913,7 +913,8 @@ impl Registry for RegistryClient {
         let resp =
             self.send(&ep, &[push_scope(&repo.path)], Method::PUT, url, h, Some(body), true)?;
         let digest = Digest::of(bytes);
-        self.check_created(&ep, format!("manifest {}:{reference}", repo.path), resp, &digest)?;
+        let what = format!("manifest {}:{reference}", repo.path).replace(":sha256:", "@sha256:");
+        self.check_created(&ep, what, resp, &digest)?;
         Ok(digest)
     }
 

@@ -966,7 +966,7 @@ const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, applicati
 /// every blob it refers to is there with the size it says. Returns the tags checked, as
 /// `repository:tag -> digest`.
 pub fn assert_every_tag_complete(host: &str) -> BTreeMap<String, String> {
-    let (status, _, body) = http_request(host, "GET", "/v2/_catalog?n=10000", None);
+    let (status, _, body) = http_request(host, "GET", "/v2/_catalog?n=1000", None);
     assert_eq!(status, 200, "catalog of {host}");
     let catalog: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let mut checked = BTreeMap::new();
