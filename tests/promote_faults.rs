@@ -112,10 +112,12 @@ fn transient_faults_on_both_registries_are_retried_while_streaming() {
     let seen = src_seen.clone();
     let src_proxy = proxy(&src, move |r| {
         let first = seen.lock().unwrap().insert(format!("{} {}", r.method, r.path));
-        if r.method == "GET" && r.path.contains("/manifests/") && first {
-            if seen.lock().unwrap().insert("manifest fault".into()) {
-                return Action::Respond(503, vec![]);
-            }
+        if r.method == "GET"
+            && r.path.contains("/manifests/")
+            && first
+            && seen.lock().unwrap().insert("manifest fault".into())
+        {
+            return Action::Respond(503, vec![]);
         }
         if is_blob_get(r) && r.path.starts_with("/v2/acme-staging/acme/api/") && first {
             return Action::CutResponse(100);
@@ -231,6 +233,7 @@ fn persistent_faults_a_lying_source_and_timeouts_fail_the_promotion_and_move_no_
     enum Fault {
         None,
         CutEveryUploadOfWebLayer,
+        CutEveryDownloadOfWebLayer,
         CorruptWebLayerAtSource,
         SlowManifests,
         SlightlySlow,
@@ -238,6 +241,10 @@ fn persistent_faults_a_lying_source_and_timeouts_fail_the_promotion_and_move_no_
     let fault = Arc::new(Mutex::new(Fault::None));
     let (f, layer) = (fault.clone(), web_layer.clone());
     let src_proxy = proxy(&src, move |r| {
+        let web_layer_get = r.method == "GET" && r.path.ends_with(&format!("/blobs/{layer}"));
+        if *f.lock().unwrap() == Fault::CutEveryDownloadOfWebLayer && web_layer_get {
+            return Action::CutResponse(1000);
+        }
         if *f.lock().unwrap() == Fault::CorruptWebLayerAtSource
             && r.method == "GET"
             && r.path.ends_with(&format!("/blobs/{layer}"))
@@ -280,6 +287,13 @@ fn persistent_faults_a_lying_source_and_timeouts_fail_the_promotion_and_move_no_
     failed(&[format!(
         "image `web`: registry {} broke off PUT upload of blob {web_layer} to acme-prod/acme/web",
         dst_proxy.host
+    )]);
+
+    // The source breaks off: the error blames it, not the destination the bytes went to.
+    *fault.lock().unwrap() = Fault::CutEveryDownloadOfWebLayer;
+    failed(&[format!(
+        "image `web`: registry {} broke off the download of blob {web_layer} of acme-staging/acme/web",
+        src_proxy.host
     )]);
 
     *fault.lock().unwrap() = Fault::CorruptWebLayerAtSource;

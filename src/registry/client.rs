@@ -520,6 +520,14 @@ impl RegistryClient {
         if let Some(problem) = certificate_problem(e) {
             return RegistryError::Tls { registry: ep.name.clone(), problem };
         }
+        // The body being sent was another registry's download, and that broke off.
+        if let Some(b) = causes(e).find_map(|c| c.downcast_ref::<DownloadBroke>()) {
+            return RegistryError::Interrupted {
+                registry: b.registry.clone(),
+                what: b.what.clone(),
+                reason: b.reason.clone(),
+            };
+        }
         if e.is_timeout() {
             // The configured timeout, as the user set it: an upload's extra time to send its
             // body is not the registry's silence.
@@ -953,7 +961,12 @@ impl Registry for RegistryClient {
                 return Err(self.failure(ep, format!("blob {digest} of {}", repo.path), resp));
             }
             let size = resp.content_length();
-            let reader = BodyReader { resp, timeout: self.config.timeout };
+            let reader = BodyReader {
+                resp,
+                timeout: self.config.timeout,
+                registry: ep.name.clone(),
+                what: format!("the download of blob {digest} of {}", repo.path),
+            };
             Ok(BlobStream { reader: Box::new(reader), size })
         })
     }
@@ -1213,16 +1226,56 @@ struct Outgoing<'a> {
     len: u64,
 }
 
-/// A blob download: reads that time out say so in the user's terms.
+/// A blob download: its read errors say, in the user's terms, which registry broke off
+/// which download. When the stream is the body of an upload to another registry (a
+/// promotion), that is how the failure is blamed on the source, not the destination.
 struct BodyReader {
     resp: Response,
     timeout: Duration,
+    registry: String,
+    what: String,
 }
 
 impl Read for BodyReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.resp.read(buf).map_err(|e| io::Error::new(e.kind(), describe_io(&e, self.timeout)))
+        self.resp.read(buf).map_err(|e| {
+            let broke = DownloadBroke {
+                registry: self.registry.clone(),
+                what: self.what.clone(),
+                reason: describe_io(&e, self.timeout),
+            };
+            io::Error::new(e.kind(), broke)
+        })
     }
+}
+
+/// A download that broke off, carried through I/O errors; displays as its reason.
+#[derive(Debug)]
+struct DownloadBroke {
+    registry: String,
+    what: String,
+    reason: String,
+}
+
+impl std::fmt::Display for DownloadBroke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for DownloadBroke {}
+
+/// The errors an error wraps, following io::Errors' inner errors too (an io::Error's
+/// `source` skips the error it wraps).
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |c| {
+        match c.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        }
+    })
 }
 
 /// An I/O error of a response body, with reqwest's causes and a timeout spelled out.
@@ -1240,22 +1293,13 @@ fn describe_io(e: &io::Error, timeout: Duration) -> String {
     }
 }
 
-/// Why a TLS certificate was refused, if that is what failed.
+/// Why a TLS certificate was refused, if that is what failed. (rustls' error sits under
+/// hyper's, inside io::Errors that may wrap one another.)
 fn certificate_problem(e: &reqwest::Error) -> Option<String> {
-    // rustls' error sits under hyper's, inside io::Errors that may wrap one another; an
-    // io::Error's `source` skips the error it wraps, so `get_ref` is followed too.
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cur {
-        if let Some(rustls::Error::InvalidCertificate(problem)) = c.downcast_ref::<rustls::Error>()
-        {
-            return Some(certificate_problem_text(problem));
-        }
-        cur = match c.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
-            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-            None => c.source(),
-        };
-    }
-    None
+    causes(e).find_map(|c| match c.downcast_ref::<rustls::Error>() {
+        Some(rustls::Error::InvalidCertificate(problem)) => Some(certificate_problem_text(problem)),
+        _ => None,
+    })
 }
 
 fn certificate_problem_text(e: &rustls::CertificateError) -> String {
@@ -1334,8 +1378,15 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
     };
     s.push_str(kind);
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        // A cause that already says what was said so far (ferry's own wrapped errors)
+        // replaces it rather than repeating it.
+        if text.starts_with(&s) {
+            s = text;
+        } else if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
