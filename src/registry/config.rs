@@ -90,14 +90,6 @@ impl Default for RegistryConfig {
     }
 }
 
-/// The variables that tune the network behaviour, with what they mean.
-pub const NETWORK_VARIABLES: [(&str, &str); 4] = [
-    ("FERRY_REGISTRY_TIMEOUT", "seconds to wait for a quiet registry (default 60)"),
-    ("FERRY_REGISTRY_RETRIES", "retries of a failed request (default 4)"),
-    ("FERRY_REGISTRY_BACKOFF", "seconds before the first retry, doubling up to 10 (default 0.2)"),
-    ("FERRY_REGISTRY_MAX_RETRY_AFTER", "longest Retry-After honoured, in seconds (default 60)"),
-];
-
 impl RegistryConfig {
     pub fn host(&self, host: &str) -> RegistryHostConfig {
         self.hosts.get(host).cloned().unwrap_or_default()
@@ -121,7 +113,10 @@ impl RegistryConfig {
         h.ca_files.is_empty() && h.insecure
     }
 
-    /// Read the `FERRY_REGISTRY_*` variables (see [`NETWORK_VARIABLES`]) through `var`.
+    /// Read the `FERRY_REGISTRY_*` variables through `var`: `_TIMEOUT` (seconds a quiet
+    /// registry is waited for, default 60), `_RETRIES` (retries of a failed request, default
+    /// 4), `_BACKOFF` (seconds before the first retry, doubling up to 10; default 0.2),
+    /// `_MAX_RETRY_AFTER` (the longest Retry-After honoured, default 60 seconds).
     pub fn apply_network_variables(&mut self, var: impl Fn(&str) -> Option<String>) {
         let mut problems = Vec::new();
         let mut seconds = |name: &str, allow_zero: bool| -> Option<Duration> {

@@ -23,7 +23,6 @@ pub use auth::{parse_challenges, pull_scope, push_scope, Challenge};
 pub use client::{RegistryClient, UploadPolicy};
 pub use config::{
     RegistryConfig, RegistryHostConfig, RetryPolicy, DEFAULT_TIMEOUT, MIN_UPLOAD_RATE,
-    NETWORK_VARIABLES,
 };
 pub use credentials::{auth_key, Credential, DockerConfigFile, Secret, StoredIn};
 pub use pull::{pull, PullOptions, PullReport};
