@@ -82,19 +82,18 @@ fn assert_promoted(prod: &TestRegistry, digests: &BTreeMap<&str, String>) {
     assert_eq!(tags, expected);
 }
 
-/// `ferry promote --from staging --to prod`, impatient: one retry, no backoff, 2s timeout.
-fn impatient_promote(project: &Project) -> std::process::Output {
-    project
-        .ferry
-        .command()
-        .arg("-C")
+/// `ferry promote --from staging --to prod`, impatient: one retry, no backoff, `timeout`
+/// seconds (the default when None).
+fn impatient_promote(project: &Project, timeout: Option<&str>) -> std::process::Output {
+    let mut cmd = project.ferry.command();
+    cmd.arg("-C")
         .arg(project.path())
         .env("FERRY_REGISTRY_RETRIES", "1")
-        .env("FERRY_REGISTRY_BACKOFF", "0")
-        .env("FERRY_REGISTRY_TIMEOUT", "2")
-        .args(["promote", "--from", "staging", "--to", "prod"])
-        .output()
-        .unwrap()
+        .env("FERRY_REGISTRY_BACKOFF", "0");
+    if let Some(t) = timeout {
+        cmd.env("FERRY_REGISTRY_TIMEOUT", t);
+    }
+    cmd.args(["promote", "--from", "staging", "--to", "prod"]).output().unwrap()
 }
 
 #[test]
@@ -266,14 +265,14 @@ fn persistent_faults_a_lying_source_and_timeouts_fail_the_promotion_and_move_no_
             Action::CutRequest(len / 2)
         }
         Fault::SlowManifests if r.method == "PUT" && r.path.contains("/manifests/sha256:") => {
-            Action::Delay(Duration::from_secs(6))
+            Action::Delay(Duration::from_secs(8))
         }
         Fault::SlightlySlow => Action::Delay(Duration::from_millis(200)),
         _ => Action::Forward,
     });
     let project = Project::new(&IMAGES, &envs(&src_proxy.host, &dst_proxy.host));
-    let failed = |expected: &[String]| {
-        let out = impatient_promote(&project);
+    let failed = |expected: &[String], timeout: Option<&str>| {
+        let out = impatient_promote(&project, timeout);
         assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
         let err = error_text(&out);
         for e in expected {
@@ -283,33 +282,36 @@ fn persistent_faults_a_lying_source_and_timeouts_fail_the_promotion_and_move_no_
         assert!(assert_every_tag_complete(&dst.host).is_empty(), "a tag moved");
     };
 
+    let (src_host, dst_host) = (src_proxy.host.clone(), dst_proxy.host.clone());
     *fault.lock().unwrap() = Fault::CutEveryUploadOfWebLayer;
-    failed(&[format!(
-        "image `web`: registry {} broke off PUT upload of blob {web_layer} to acme-prod/acme/web",
-        dst_proxy.host
-    )]);
+    let cut = format!(
+        "image `web`: registry {dst_host} broke off PUT upload of blob {web_layer} to acme-prod/acme/web"
+    );
+    failed(&[cut], None);
 
     // The source breaks off: the error blames it, not the destination the bytes went to.
     *fault.lock().unwrap() = Fault::CutEveryDownloadOfWebLayer;
-    failed(&[format!(
-        "image `web`: registry {} broke off the download of blob {web_layer} of acme-staging/acme/web",
-        src_proxy.host
-    )]);
+    let cut = format!(
+        "image `web`: registry {src_host} broke off the download of blob {web_layer} of acme-staging/acme/web"
+    );
+    failed(&[cut], None);
 
+    // The destination checks what it is sent: a corrupted blob is refused, not retried.
     *fault.lock().unwrap() = Fault::CorruptWebLayerAtSource;
-    failed(&[format!(
-        "image `web`: registry {} answered 400 to upload of blob {web_layer} to acme-prod/acme/web (DIGEST_INVALID",
-        dst_proxy.host
-    )]);
+    let refused = format!(
+        "image `web`: registry {dst_host} answered 400 to upload of blob {web_layer} to acme-prod/acme/web (DIGEST_INVALID"
+    );
+    failed(&[refused], None);
 
     *fault.lock().unwrap() = Fault::SlowManifests;
-    failed(&[
-        format!("registry {} did not answer PUT manifest acme-prod/acme/", dst_proxy.host),
-        "within 2s (2 tries); if it is only slow, raise FERRY_REGISTRY_TIMEOUT".to_string(),
-    ]);
+    let slow = [
+        format!("registry {dst_host} did not answer PUT manifest acme-prod/acme/"),
+        "within 3s (2 tries); if it is only slow, raise FERRY_REGISTRY_TIMEOUT".to_string(),
+    ];
+    failed(&slow, Some("3"));
 
     *fault.lock().unwrap() = Fault::SlightlySlow;
-    let out = impatient_promote(&project);
-    assert!(out.status.success(), "200ms per answer is within a 2s timeout: {}", stderr(&out));
+    let out = impatient_promote(&project, None);
+    assert!(out.status.success(), "200ms per answer is fine: {}", stderr(&out));
     assert_promoted(&dst, &digests);
 }

@@ -70,15 +70,19 @@ fn proxy(
     FaultProxy::start_with(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), &reg.host, rule)
 }
 
-/// `ferry --json push --env dev`, impatient: few retries, no backoff, a short timeout.
-fn impatient_push(dir: &std::path::Path, store: &std::path::Path) -> (Option<i32>, Value, String) {
-    let out = ferry(dir, store)
-        .env("FERRY_REGISTRY_RETRIES", "1")
-        .env("FERRY_REGISTRY_BACKOFF", "0")
-        .env("FERRY_REGISTRY_TIMEOUT", "2")
-        .args(["--json", "push", "--env", "dev"])
-        .output()
-        .unwrap();
+/// `ferry --json push --env dev`, impatient: one retry, no backoff, `timeout` seconds (the
+/// default when None).
+fn impatient_push(
+    dir: &std::path::Path,
+    store: &std::path::Path,
+    timeout: Option<&str>,
+) -> (Option<i32>, Value, String) {
+    let mut cmd = ferry(dir, store);
+    cmd.env("FERRY_REGISTRY_RETRIES", "1").env("FERRY_REGISTRY_BACKOFF", "0");
+    if let Some(t) = timeout {
+        cmd.env("FERRY_REGISTRY_TIMEOUT", t);
+    }
+    let out = cmd.args(["--json", "push", "--env", "dev"]).output().unwrap();
     let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.code(), report, stderr(&out))
 }
@@ -180,7 +184,7 @@ fn a_registry_that_keeps_failing_one_request_fails_the_push_and_publishes_nothin
 
     // Every upload into runtime's repository is refused with 503.
     *fault.lock().unwrap() = Some(Kind::StartUpload);
-    let (code, report, err) = impatient_push(dir.path(), store.path());
+    let (code, report, err) = impatient_push(dir.path(), store.path(), None);
     assert_eq!(code, Some(1), "{err}");
     let by_name = images(&report);
     let (status, error) = &by_name["runtime"];
@@ -201,7 +205,7 @@ fn a_registry_that_keeps_failing_one_request_fails_the_push_and_publishes_nothin
 
     // Every blob sent to runtime's repository is cut half-way.
     *fault.lock().unwrap() = Some(Kind::PutBlob);
-    let (code, report, err) = impatient_push(dir.path(), store.path());
+    let (code, report, err) = impatient_push(dir.path(), store.path(), None);
     assert_eq!(code, Some(1), "{err}");
     let (status, error) = &images(&report)["runtime"];
     assert_eq!(status, "failed");
@@ -215,7 +219,7 @@ fn a_registry_that_keeps_failing_one_request_fails_the_push_and_publishes_nothin
 
     // runtime's manifest is refused (502): its blobs are there, the image is not.
     *fault.lock().unwrap() = Some(Kind::PutManifestByDigest);
-    let (code, report, err) = impatient_push(dir.path(), store.path());
+    let (code, report, err) = impatient_push(dir.path(), store.path(), None);
     assert_eq!(code, Some(1), "{err}");
     let (status, error) = &images(&report)["runtime"];
     assert_eq!(status, "failed");
@@ -229,7 +233,7 @@ fn a_registry_that_keeps_failing_one_request_fails_the_push_and_publishes_nothin
     // Tags cannot move atomically: when only runtime's tags are refused, the others' move,
     // and every tag that moved names a complete image.
     *fault.lock().unwrap() = Some(Kind::PutTag);
-    let (code, report, err) = impatient_push(dir.path(), store.path());
+    let (code, report, err) = impatient_push(dir.path(), store.path(), None);
     assert_eq!(code, Some(1), "{err}");
     let by_name = images(&report);
     let (status, error) = &by_name["runtime"];
@@ -244,7 +248,7 @@ fn a_registry_that_keeps_failing_one_request_fails_the_push_and_publishes_nothin
 
     // Once the registry behaves, the same push completes.
     *fault.lock().unwrap() = None;
-    let (code, _, err) = impatient_push(dir.path(), store.path());
+    let (code, _, err) = impatient_push(dir.path(), store.path(), None);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(assert_every_tag_complete(&reg.host).len(), 13);
 }
@@ -259,7 +263,7 @@ fn a_registry_slower_than_the_timeout_fails_the_push_and_a_slightly_slow_one_is_
         1 if r.path.starts_with("/v2/dev/acme/runtime/")
             && kind(r) == Kind::PutManifestByDigest =>
         {
-            Action::Delay(Duration::from_secs(6))
+            Action::Delay(Duration::from_secs(8))
         }
         1 => Action::Forward,
         _ => Action::Delay(Duration::from_millis(200)),
@@ -268,7 +272,7 @@ fn a_registry_slower_than_the_timeout_fails_the_push_and_a_slightly_slow_one_is_
     let store = tempfile::tempdir().unwrap();
 
     *mode.lock().unwrap() = 1;
-    let (code, report, err) = impatient_push(dir.path(), store.path());
+    let (code, report, err) = impatient_push(dir.path(), store.path(), Some("3"));
     assert_eq!(code, Some(1), "{err}");
     let (status, error) = &images(&report)["runtime"];
     assert_eq!(status, "failed");
@@ -278,14 +282,14 @@ fn a_registry_slower_than_the_timeout_fails_the_push_and_a_slightly_slow_one_is_
             "registry {} did not answer PUT manifest dev/acme/runtime@sha256:",
             proxy.host
         )) && error
-            .contains("within 2s (2 tries); if it is only slow, raise FERRY_REGISTRY_TIMEOUT"),
+            .contains("within 3s (2 tries); if it is only slow, raise FERRY_REGISTRY_TIMEOUT"),
         "{error}"
     );
     assert!(assert_every_tag_complete(&reg.host).is_empty(), "no tag moved");
 
     *mode.lock().unwrap() = 0;
-    let (code, report, err) = impatient_push(dir.path(), store.path());
-    assert_eq!(code, Some(0), "200ms per answer is within a 2s timeout: {err}");
+    let (code, report, err) = impatient_push(dir.path(), store.path(), None);
+    assert_eq!(code, Some(0), "200ms per answer is fine: {err}");
     for (image, (status, _)) in images(&report) {
         assert_eq!(status, "published", "{image}");
     }
