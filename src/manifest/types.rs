@@ -136,7 +136,8 @@ pub struct EnvironmentSection {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct RegistrySection {
-    /// Plain HTTP; allowed by default only for loopback.
+    /// Skip TLS verification, and allow plain HTTP (always allowed for loopback hosts); only
+    /// on a network you trust. A private CA is better trusted with `ca_file`.
     #[serde(default)]
     pub insecure: bool,
     /// Mirrors tried in order before the registry itself (pulls only).
