@@ -89,11 +89,11 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
     progress.finish();
 
     if let Some((kind, path)) = &output {
-        let built: Vec<String> = report
+        let built: Vec<(String, String)> = report
             .images
             .iter()
             .filter(|i| i.status == ImageStatus::Built)
-            .map(|i| i.name.clone())
+            .filter_map(|i| i.digest.clone().map(|d| (i.name.clone(), d)))
             .collect();
         super::fleet::export(&store, &built, kind, path)
             .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
