@@ -169,7 +169,7 @@ fn build_with_run_steps_killed_inside_the_sandbox_then_rebuilt() {
     assert_eq!(want.len(), 3);
 
     let mut outcomes = Vec::new();
-    for (i, after) in spread(took, 6).into_iter().enumerate() {
+    for (i, after) in spread(took, 8).into_iter().enumerate() {
         let store = w.path(&format!("k{i}"));
         let why = format!("RUN build killed after {after:?}");
         let ended = kill_after(w.ferry(dir, &store).arg("build"), after);
@@ -185,6 +185,11 @@ fn build_with_run_steps_killed_inside_the_sandbox_then_rebuilt() {
         std::fs::remove_dir_all(&store).unwrap();
     }
     eprintln!("{}", outcomes_line("build with RUN", &outcomes));
+    // The sandboxes' scratch directories live in the store's session, not in TMPDIR, so a
+    // killed build leaves nothing there either.
+    let tmpdir: Vec<_> =
+        std::fs::read_dir(w.path("tmpdir")).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(tmpdir.is_empty(), "left in TMPDIR: {tmpdir:?}");
     assert!(outcomes.iter().any(|(_, e)| *e == Ended::Killed), "no kill landed mid-build");
 }
 
