@@ -22,17 +22,6 @@ use push_support::{common, fixture};
 /// How many kill points per operation.
 const POINTS: usize = 10;
 
-/// A fleet whose base image carries a few MiB of incompressible data, so that blob writes,
-/// compression and uploads last long enough for kills to land inside them.
-fn heavy_fleet(host: &str, extra: &str) -> tempfile::TempDir {
-    let dir = push_support::fleet(host, extra);
-    let data = dir.path().join("examples/static/images/base/rootfs/opt/data.bin");
-    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
-    std::fs::write(&data, common::noise(6 << 20, 7)).unwrap();
-    fixture::git_commit(dir.path(), "data");
-    dir
-}
-
 /// Per-test scratch: stores, and the TMPDIR of every ferry process (its sandbox scratch).
 struct Work {
     dir: tempfile::TempDir,
@@ -134,26 +123,6 @@ fn build_killed_anywhere_then_rebuilt() {
     }
     eprintln!("{}", outcomes_line("build", &outcomes));
     assert!(outcomes.iter().any(|(_, e)| *e == Ended::Killed), "no kill landed mid-build");
-}
-
-/// A fleet of RUN steps in the real sandbox: a busybox base and two children whose RUN
-/// steps write data and take a moment, so that kills land inside the sandbox.
-fn run_fleet(marker: &str) -> tempfile::TempDir {
-    let slow = format!(
-        "FROM bb\nRUN echo {marker}-a > /m && yes abcdefgh | head -c 3000000 > /data && sleep 0.3 && mkdir -p /out && cp /data /out/copy\n"
-    );
-    let other = format!(
-        "FROM bb\nRUN echo {marker}-b > /m && yes 01234567 | head -c 2000000 > /data && sleep 0.2 && rm -f /bin/wget\n"
-    );
-    fixture::project(&[
-        (
-            "images.toml",
-            "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.slow]\ncontext = \"slow\"\n\n[images.other]\ncontext = \"other\"\n",
-        ),
-        ("bb/Dockerfile", &format!("{}RUN mkdir -p /etc && echo ok > /etc/ok\n", fixture::BUSYBOX_BASE)),
-        ("slow/Dockerfile", &slow),
-        ("other/Dockerfile", &other),
-    ])
 }
 
 #[test]

@@ -97,8 +97,9 @@ pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
-    /// This handle's temporary directory (shared by its clones).
-    session: Arc<tmp::Session>,
+    /// This handle's temporary directory (shared by its clones); None when the store is
+    /// read-only to us, which is fine for commands that only read.
+    session: Option<Arc<tmp::Session>>,
 }
 
 const OCI_LAYOUT_FILE: &str = "oci-layout";
@@ -112,8 +113,15 @@ impl Store {
         for dir in [root.join("blobs/sha256"), tmp_root.clone(), root.join("locks")] {
             fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         }
-        let session = tmp::Session::create(&tmp_root, &lock_path_in(&root, "tmp"))?;
-        let store = Store { root, session: Arc::new(session) };
+        let session = match tmp::Session::create(&tmp_root, &lock_path_in(&root, "tmp")) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(StoreError::Io { source, path, .. }) if is_read_only(&source) => {
+                tracing::debug!(path = %path.display(), "store is read-only: {source}");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let store = Store { root, session };
         store.ensure_layout()?;
         store.clean_stale_tmp();
         Ok(store)
@@ -139,7 +147,10 @@ impl Store {
     /// filesystem as the blobs, so a rename into place is atomic), removed when the process
     /// is gone, however it ended.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.session.dir().to_path_buf()
+        match &self.session {
+            Some(s) => s.dir().to_path_buf(),
+            None => self.root.join("tmp"),
+        }
     }
 
     fn index_path(&self) -> PathBuf {
@@ -341,6 +352,10 @@ impl Store {
         sync_dir(dir);
         Ok(())
     }
+}
+
+fn is_read_only(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS)
 }
 
 /// The file of the named lock `name` in the store at `root`.

@@ -34,6 +34,40 @@ fn sha256_reader(mut r: impl Read) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
+// Fleets
+
+/// A fleet whose base image carries a few MiB of incompressible data, so that blob writes,
+/// compression and uploads last long enough for kills to land inside them.
+pub fn heavy_fleet(host: &str, extra: &str) -> tempfile::TempDir {
+    let dir = crate::push_support::fleet(host, extra);
+    let data = dir.path().join("examples/static/images/base/rootfs/opt/data.bin");
+    std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+    std::fs::write(&data, crate::push_support::common::noise(6 << 20, 7)).unwrap();
+    crate::push_support::fixture::git_commit(dir.path(), "data");
+    dir
+}
+
+/// A fleet of RUN steps in the real sandbox: a busybox base and two children whose RUN
+/// steps write data and take a moment, so that kills land inside the sandbox.
+pub fn run_fleet(marker: &str) -> tempfile::TempDir {
+    let slow = format!(
+        "FROM bb\nRUN echo {marker}-a > /m && yes abcdefgh | head -c 3000000 > /data && sleep 0.3 && mkdir -p /out && cp /data /out/copy\n"
+    );
+    let other = format!(
+        "FROM bb\nRUN echo {marker}-b > /m && yes 01234567 | head -c 2000000 > /data && sleep 0.2 && rm -f /bin/wget\n"
+    );
+    crate::push_support::fixture::project(&[
+        (
+            "images.toml",
+            "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.slow]\ncontext = \"slow\"\n\n[images.other]\ncontext = \"other\"\n",
+        ),
+        ("bb/Dockerfile", &format!("{}RUN mkdir -p /etc && echo ok > /etc/ok\n", crate::push_support::fixture::BUSYBOX_BASE)),
+        ("slow/Dockerfile", &slow),
+        ("other/Dockerfile", &other),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------
 // Killing ferry
 
 /// How a process started by `kill_after` ended.
@@ -128,9 +162,11 @@ pub fn assert_no_process_with(marker: &str) {
         if left.is_empty() {
             return;
         }
-        become_subreaper();
-        // SAFETY: reaping adopted children without blocking.
-        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        for pid in &left {
+            // SAFETY: reaping (without blocking) only a marked RUN process, should it have been
+            // adopted by this process; never a child another test waits for.
+            unsafe { libc::waitpid(*pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG) };
+        }
         assert!(Instant::now() < deadline, "RUN processes outlived ferry: {left:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
