@@ -248,3 +248,47 @@ fn prune_while_building_takes_nothing_the_build_made_or_caches() {
     assert_eq!(digests_of(&again), extra.want);
     assert_eq!(again["steps_built"], 0, "prune dropped layers the cache records: {again}");
 }
+
+#[test]
+fn push_publishes_what_it_built_while_another_project_renames_the_same_key() {
+    let reg = push_support::start_registry();
+    let (work, refs) = scratch();
+    // This project's `slow` image builds long after api is done and named; meanwhile another
+    // project that shares the store and the key `api` (with other content) rebuilds it again
+    // and again, moving the name `api` to its own image.
+    let dir = heavy_fleet(&reg.host, "[images.slow]\ncontext = \"examples/slow\"\n");
+    let ctx = dir.path().join("examples/slow");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM runtime\nCOPY big.bin /opt/big.bin\n").unwrap();
+    std::fs::write(ctx.join("big.bin"), common::noise(24 << 20, 5)).unwrap();
+    fixture::git_commit(dir.path(), "slow");
+    let mine = Project::new(dir, &[], &refs);
+    let other = Project::new(fleet_with_other_api(), &["api"], &refs);
+    assert_ne!(mine.want["api"], other.want["api"]);
+
+    let store = work.path().join("store");
+    finish_build(other.spawn(&store, &[]), "the other project");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let renames = std::thread::scope(|scope| {
+        let renamer = scope.spawn(|| {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                finish_build(other.spawn(&store, &[]), "the other project");
+                n += 1;
+            }
+            n
+        });
+        let out = ferry(mine.dir.path(), &store).args(["push", "--env", "dev"]).output().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+        renamer.join().unwrap()
+    });
+    assert!(renames >= 1);
+    let pushed = registry_tags(&reg.host, "dev/", "push");
+    assert_eq!(pushed.len(), 7 * 2, "{pushed:?}");
+    for (reference, digest) in &pushed {
+        let image = reference.trim_start_matches("dev/acme/").split(':').next().unwrap();
+        assert_eq!(Some(digest), mine.want.get(image), "{reference} is not what this push built");
+    }
+    check_after(&store, mine.dir.path(), &[&mine, &other], "push while renaming");
+}

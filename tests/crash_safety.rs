@@ -332,15 +332,20 @@ fn pull_killed_anywhere_then_pulled_again() {
     assert!(outcomes.iter().any(|(_, e)| *e == Ended::Killed), "no kill landed mid-pull");
 }
 
-/// Write `n` blobs nothing names (correctly named, so `cache verify` accepts them).
-fn orphan_blobs(store: &Path, n: usize) {
+/// Write `n` blobs nothing names (correctly named, so `cache verify` accepts them); their
+/// file names.
+fn orphan_blobs(store: &Path, n: usize) -> Vec<String> {
     use std::os::unix::fs::PermissionsExt;
-    for i in 0..n {
-        let bytes = common::noise(64 << 10, 1000 + i as u64);
-        let p = store.join("blobs/sha256").join(&sha256(&bytes)[7..]);
-        std::fs::write(&p, bytes).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
-    }
+    (0..n)
+        .map(|i| {
+            let bytes = common::noise(256, 1000 + i as u64);
+            let hex = sha256(&bytes)[7..].to_string();
+            let p = store.join("blobs/sha256").join(&hex);
+            std::fs::write(&p, bytes).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
+            hex
+        })
+        .collect()
 }
 
 #[test]
@@ -350,7 +355,9 @@ fn prune_and_rmi_killed_anywhere_keep_every_named_image() {
     let dir = dir.path();
     let built = w.path("built");
     let want = build_digests(&ok_json(w.ferry(dir, &built).args(["--json", "build"]), "build"));
-    // An image only `prune --all` removes (named by digest only), and orphan blobs.
+    let plain = w.path("plain");
+    copy_store(&built, &plain);
+    // For prune: an image only `prune --all` removes (named by digest only), and orphan blobs.
     let loaded = w.path("loaded");
     push_support::foreign_image(&loaded);
     let archive = w.path("loaded.tar");
@@ -366,20 +373,34 @@ fn prune_and_rmi_killed_anywhere_keep_every_named_image() {
     let out = w.ferry(dir, &built).args(["load", "-i"]).arg(&archive).output().unwrap();
     assert!(out.status.success(), "load: {}", String::from_utf8_lossy(&out.stderr));
     assert!(check_store(&built, "loaded").refs.len() > want.len());
-    orphan_blobs(&built, 150);
+    let orphans = orphan_blobs(&built, 1000);
 
-    for (op, args) in [("prune", vec!["prune", "--all"]), ("rmi", vec!["rmi", "worker"])] {
+    let ops = [
+        ("prune", vec!["prune", "--all"], &built, POINTS),
+        ("rmi", vec!["rmi", "worker"], &plain, 6),
+    ];
+    for (op, args, source, n) in ops {
         let timing = w.path(&format!("timing-{op}"));
-        copy_store(&built, &timing);
+        copy_store(source, &timing);
         let (out, took) = timed(w.ferry(dir, &timing).args(&args));
         assert!(out.status.success(), "{op}: {}", String::from_utf8_lossy(&out.stderr));
         let mut outcomes = Vec::new();
-        for (i, after) in spread(took, POINTS).into_iter().enumerate() {
+        // How many orphans each killed prune left: a count strictly between none and all
+        // means the kill landed in the middle of the deletions.
+        let mut orphans_left = Vec::new();
+        let mut points = spread(took, n);
+        let mut i = 0;
+        while i < points.len() {
+            let after = points[i];
+            i += 1;
             let store = w.path(&format!("{op}-k{i}"));
-            copy_store(&built, &store);
+            copy_store(source, &store);
             let why = format!("{op} killed after {after:?}");
             let ended = kill_after(w.ferry(dir, &store).args(&args), after);
             outcomes.push((after, ended));
+            orphans_left.push(
+                orphans.iter().filter(|h| store.join("blobs/sha256").join(h).exists()).count(),
+            );
             let state = after_kill(&w, dir, &store, &why);
             for (name, digest) in &want {
                 if op == "rmi" && name == "worker" {
@@ -403,7 +424,24 @@ fn prune_and_rmi_killed_anywhere_keep_every_named_image() {
             let state = after_rerun(&w, dir, &store, &why);
             assert_refs(&state, &want, &why);
             std::fs::remove_dir_all(&store).unwrap();
+            // Aim a few more kills between the last one that left every orphan and the first
+            // that left none, until one lands among the deletions.
+            if op == "prune" && i >= POINTS && points.len() < POINTS + 4 {
+                let mid = orphans_left.iter().any(|&n| n > 0 && n < orphans.len());
+                let before =
+                    (0..i).filter(|&j| orphans_left[j] == orphans.len()).map(|j| points[j]).max();
+                let after_all = (0..i).filter(|&j| orphans_left[j] == 0).map(|j| points[j]).min();
+                if let (false, Some(a), Some(b)) = (mid, before, after_all) {
+                    if a < b {
+                        points.push((a + b) / 2);
+                    }
+                }
+            }
         }
-        eprintln!("{}", outcomes_line(op, &outcomes));
+        if op == "prune" {
+            eprintln!("{}; orphan blobs left: {orphans_left:?}", outcomes_line(op, &outcomes));
+        } else {
+            eprintln!("{}", outcomes_line(op, &outcomes));
+        }
     }
 }
