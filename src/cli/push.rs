@@ -95,6 +95,10 @@ pub(super) fn build_for_env(
 ) -> Result<BuiltForEnv, CliError> {
     let Selection { manifest, graph, selected } = *fleet;
     let store = open_store(global)?;
+    // Taken before the bases are pinned and the images built: the images are then read by
+    // digest, and a name moved by another process would leave one unnamed, so a prune must
+    // not run in between; variant blobs are named by nothing until they are pushed either.
+    let gc_guard = store.gc_guard().map_err(invalid)?;
     let bases = super::build::pin_bases(manifest, graph, selected, &store, printer, false)?;
     let options = BuildOptions {
         jobs: jobs(global),
@@ -111,10 +115,6 @@ pub(super) fn build_for_env(
         std::env::current_exe()
             .map_err(|e| invalid(format!("cannot find the ferry binary: {e}")))?,
     );
-    // Taken before the build: the images it makes are then read by digest, and a name
-    // moved by another process would leave one unnamed, so a prune must not run in
-    // between; variant blobs are named by nothing until they are pushed either.
-    let gc_guard = store.gc_guard().map_err(invalid)?;
     let progress = Progress::new(printer, global);
     let report =
         build_fleet(manifest, graph, selected, &store, &sandbox, &options, &|e| progress.event(e))
