@@ -56,8 +56,13 @@ fn ok_json(cmd: &mut Command, what: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: not JSON: {e}"))
 }
 
-/// What must hold right after a kill: verify passes and the store is consistent.
+/// What must hold right after a kill: the store as the killed process left it is
+/// consistent (when it got as far as creating one), verify passes, and it is still
+/// consistent after the clean-up that opening it does.
 fn after_kill(w: &Work, dir: &Path, store: &Path, why: &str) -> StoreState {
+    if store.join("index.json").exists() {
+        check_store(store, &format!("{why}, as left"));
+    }
     assert_verify(&mut w.ferry(dir, store), why);
     assert!(mounts_under(store).is_empty(), "{why}: mounts left: {:?}", mounts_under(store));
     check_store(store, why)
