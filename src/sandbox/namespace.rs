@@ -307,13 +307,13 @@ struct Scratch {
 
 impl Scratch {
     /// In `near` (the work dir's parent: with ferry's store, a directory a crash of ferry
-    /// does not leave behind), else in the system's temporary directory.
+    /// does not leave behind), else (or if that fails) in the system's temporary directory.
     fn create(owner: Option<(u32, u32)>, near: Option<&Path>) -> Result<Self, SandboxError> {
         let io = |e| SandboxError::io("cannot create the sandbox's scratch directory", e);
         let mut builder = tempfile::Builder::new();
         builder.prefix("ferry-run-");
         let dir = match near.filter(|p| !p.as_os_str().is_empty()) {
-            Some(near) => builder.tempdir_in(near),
+            Some(near) => builder.tempdir_in(near).or_else(|_| builder.tempdir()),
             None => builder.tempdir(),
         }
         .map_err(io)?;
