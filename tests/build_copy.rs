@@ -170,6 +170,11 @@ fn bad_sources_and_destinations_name_the_file_and_line() {
         ),
         ("FROM scratch\n\nCOPY ../outside.txt /x\n", &[], &["Dockerfile:3:", "outside"]),
         (
+            "ARG ARCH=arm64\nFROM scratch AS one\nCOPY one.txt /\nFROM --platform=linux/$ARCH scratch\n",
+            &[],
+            &["Dockerfile:4:", "FROM --platform=linux/arm64", "cannot build"],
+        ),
+        (
             "FROM scratch\nCOPY escape /x\n",
             &[("escape", "../outside.txt")],
             &["Dockerfile:2:", "\"escape\" is outside"],

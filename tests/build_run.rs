@@ -189,7 +189,7 @@ fn heredocs_onbuild_and_shell() {
     let dir = project(&[
         ("images.toml", "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.parent]\ncontext = \"parent\"\n\n[images.child]\ncontext = \"child\"\n"),
         ("bb/Dockerfile", BUSYBOX_BASE),
-        ("parent/Dockerfile", "FROM bb\nONBUILD RUN echo triggered > /onbuild\nRUN <<EOF\nset -e\necho one > /heredoc\necho two >> /heredoc\nEOF\nCOPY <<notes.txt /etc/\nfirst line\nEOF-not-the-end\nnotes.txt\nSHELL [\"/bin/sh\", \"-e\", \"-c\"]\nRUN echo \"$0 $-\" > /via-shell\nENV WHO=shell\nRUN cat <<EOT > /shell-heredoc && cat <<'RAW' >> /shell-heredoc\nfrom a $WHO heredoc\nEOT\nkept $WHO\nRAW\n"),
+        ("parent/Dockerfile", "FROM bb\nONBUILD RUN echo triggered > /onbuild\nRUN <<EOF\nset -e\necho one > /heredoc\necho two >> /heredoc\nEOF\nCOPY <<notes.txt /etc/\nfirst line\nEOF-not-the-end\nnotes.txt\nSHELL [\"/bin/sh\", \"-e\", \"-c\"]\nRUN echo \"$0 $-\" > /via-shell\nENV WHO=shell\nRUN cat <<EOT > /shell-heredoc && cat <<'RAW' >> /shell-heredoc\nfrom a $WHO heredoc\nEOT\nkept $WHO\nRAW\nRUN --network=none <<ONE cat > /first && <<TWO cat > /second\nI am $WHO first\nONE\nI am second\nTWO\n"),
         ("child/Dockerfile", "FROM parent\nRUN test -f /onbuild\n"),
     ]);
     let store = tempfile::tempdir().unwrap();
@@ -207,6 +207,8 @@ fn heredocs_onbuild_and_shell() {
         std::fs::read_to_string(parent.join("shell-heredoc")).unwrap(),
         "from a shell heredoc\nkept $WHO\n"
     );
+    assert_eq!(std::fs::read_to_string(parent.join("first")).unwrap(), "I am shell first\n");
+    assert_eq!(std::fs::read_to_string(parent.join("second")).unwrap(), "I am second\n");
     assert!(!parent.join("onbuild").exists(), "a trigger does not run in its own image");
     let cfg = fixture::raw_config(store.path(), "parent");
     assert_eq!(cfg["config"]["OnBuild"], serde_json::json!(["RUN echo triggered > /onbuild"]));
@@ -264,7 +266,7 @@ fn independent_stages_run_concurrently() {
 
 #[test]
 fn network_bind_tmpfs_healthcheck_maintainer_escape() {
-    let child = "# escape=`\nFROM --platform=$BUILDPLATFORM bb AS tools\nRUN mkdir -p /opt && echo from-tools > /opt/t\n\nFROM bb\nMAINTAINER Acme Ops <ops@example.com>\nRUN --network=none cat /proc/net/dev | grep -c : > /ifaces\nRUN --mount=type=bind,source=data.txt,target=/in/data.txt cp /in/data.txt /copied `\n && test ! -w /in/data.txt || true\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /from-tools\nRUN --mount=type=tmpfs,target=/scratch echo temp > /scratch/f && cp /scratch/f /tmpfs-worked\nHEALTHCHECK --interval=5s --retries=2 CMD wget -q -O- localhost || exit 1\n";
+    let child = "# escape=`\nFROM --platform=$BUILDPLATFORM bb AS tools\nRUN mkdir -p /opt && echo from-tools > /opt/t\n\nFROM bb\nMAINTAINER Acme Ops <ops@example.com>\nRUN --network=none cat /proc/net/dev | grep -c : > /ifaces\nRUN --mount=type=bind,source=data.txt,target=/in/data.txt cp /in/data.txt /copied `\n && test ! -w /in/data.txt || true\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /from-tools\nRUN --mount=type=bind,target=/ctx,rw echo changed > /ctx/data.txt && cat /ctx/data.txt > /rw-context\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools,rw echo more >> /mnt/tools/t && cat /mnt/tools/t > /rw-tools\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /tools-again\nRUN --mount=type=tmpfs,target=/scratch echo temp > /scratch/f && cp /scratch/f /tmpfs-worked\nHEALTHCHECK --interval=5s --retries=2 CMD wget -q -O- localhost || exit 1\n";
     let dir = project(&[
         ("images.toml", MANIFEST),
         ("bb/Dockerfile", BUSYBOX_BASE),
@@ -285,6 +287,19 @@ fn network_bind_tmpfs_healthcheck_maintainer_escape() {
     assert!(!rootfs.join("in").exists(), "bind mount targets leave no trace");
     assert_eq!(std::fs::read_to_string(rootfs.join("from-tools")).unwrap(), "from-tools\n");
     assert!(!rootfs.join("mnt").exists());
+    // Writable bind mounts: the step sees its writes, which are then thrown away.
+    assert_eq!(std::fs::read_to_string(rootfs.join("rw-context")).unwrap(), "changed\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("child/data.txt")).unwrap(),
+        "context data\n",
+        "a writable mount never writes into the build context"
+    );
+    assert_eq!(std::fs::read_to_string(rootfs.join("rw-tools")).unwrap(), "from-tools\nmore\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tools-again")).unwrap(),
+        "from-tools\n",
+        "a writable mount from a stage never changes that stage"
+    );
     assert_eq!(std::fs::read_to_string(rootfs.join("tmpfs-worked")).unwrap(), "temp\n");
     assert!(!rootfs.join("scratch").exists(), "tmpfs content is not captured");
     let cfg = fixture::raw_config(store.path(), "child");

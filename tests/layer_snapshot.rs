@@ -4,6 +4,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 
 use ferry::layer::{
@@ -58,21 +59,29 @@ fn a_snapshot_is_extracted_once_in_overlay_form() {
 }
 
 #[test]
-fn racing_callers_get_the_same_snapshot() {
+fn racing_callers_get_the_same_snapshot_extracted_once() {
     let t = tempfile::tempdir().unwrap();
     let (snaps, tmp) = (t.path().join("snapshots"), t.path().join("tmp"));
     let (p, blob) = layer();
     let id = snapshot_id(&p.diff_id);
     let blob = Arc::new(blob);
     let start = Arc::new(Barrier::new(4));
+    let opened = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..4)
         .map(|_| {
-            let (snaps, tmp, id, blob, start) =
-                (snaps.clone(), tmp.clone(), id.clone(), blob.clone(), start.clone());
+            let (snaps, tmp, id, blob, start, opened) = (
+                snaps.clone(),
+                tmp.clone(),
+                id.clone(),
+                blob.clone(),
+                start.clone(),
+                opened.clone(),
+            );
             std::thread::spawn(move || {
+                // Everyone asks at the same moment.
+                start.wait();
                 ensure_snapshot(&snaps, &tmp, &id, || {
-                    // Everyone has found the snapshot missing before anyone finishes.
-                    start.wait();
+                    opened.fetch_add(1, Ordering::SeqCst);
                     Ok(io::Cursor::new(blob.to_vec()))
                 })
                 .unwrap()
@@ -81,9 +90,12 @@ fn racing_callers_get_the_same_snapshot() {
         .collect();
     let dirs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(dirs.iter().all(|d| d == &snaps.join(&id)));
-    assert_eq!(names(&snaps), vec![id.clone()]);
+    assert_eq!(opened.load(Ordering::SeqCst), 1, "the others waited for the first");
+    let snapshot_dirs: Vec<String> =
+        names(&snaps).into_iter().filter(|n| snaps.join(n).is_dir()).collect();
+    assert_eq!(snapshot_dirs, vec![id.clone()]);
     assert_eq!(names(&snaps.join(&id)), vec!["big", "etc", "var"]);
-    assert!(names(&tmp).is_empty(), "losers cleaned up");
+    assert!(names(&tmp).is_empty(), "nothing left behind");
 }
 
 /// A reader that fails half-way, as a crash or a bad disk would leave things.
@@ -140,4 +152,37 @@ fn a_blob_that_is_not_the_snapshots_layer_is_refused() {
         let err = ensure_snapshot(&snaps, &tmp, bad, || Ok(&blob[..])).unwrap_err();
         assert!(err.to_string().contains("hex"), "{bad}: {err}");
     }
+}
+
+#[test]
+fn a_snapshot_made_before_a_reboot_and_maybe_not_on_disk_is_extracted_again() {
+    let t = tempfile::tempdir().unwrap();
+    let (snaps, tmp) = (t.path().join("snapshots"), t.path().join("tmp"));
+    let (p, blob) = layer();
+    let id = snapshot_id(&p.diff_id);
+    let dir = ensure_snapshot(&snaps, &tmp, &id, || Ok(&blob[..])).unwrap();
+    let marker = snaps.join(format!("{id}.unsynced"));
+
+    // Marked by another boot (a crash may have lost its data): torn content is replaced.
+    fs::write(&marker, "another-boot").unwrap();
+    fs::write(dir.join("etc/conf"), "torn").unwrap();
+    let again = ensure_snapshot(&snaps, &tmp, &id, || Ok(&blob[..])).unwrap();
+    assert_eq!(fs::read(again.join("etc/conf")).unwrap(), b"v=1");
+
+    // Marked by this boot, or not marked (known to be on disk): used as it is.
+    let this_boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    for marked in [Some(this_boot.trim()), None] {
+        match marked {
+            Some(boot) => fs::write(&marker, boot).unwrap(),
+            None => {
+                let _ = fs::remove_file(&marker);
+            }
+        }
+        let used = ensure_snapshot(&snaps, &tmp, &id, || -> io::Result<&[u8]> {
+            panic!("a trusted snapshot is not extracted again")
+        })
+        .unwrap();
+        assert_eq!(used, dir);
+    }
+    assert!(names(&tmp).is_empty(), "no leftovers in tmp");
 }

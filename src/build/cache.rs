@@ -20,6 +20,11 @@ pub struct CachedLayer {
     pub blob: Descriptor,
     /// The history line of the step that made it.
     pub created_by: String,
+    /// Set in an alias entry (a `COPY --from` keyed by its source's identity rather than
+    /// by the content it copies): the content key the same layer is recorded under, which
+    /// the steps after it build on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolves_to: Option<Digest>,
 }
 
 pub struct CacheIndex {
@@ -63,6 +68,24 @@ impl CacheIndex {
         let bytes = serde_json::to_vec(entry).unwrap_or_default();
         self.store.atomic_write(&path, &bytes)?;
         Ok(())
+    }
+
+    /// The layer an alias key stands for, with the content key the stage continues from.
+    pub fn get_alias(&self, store: &Store, alias: &CacheKey) -> Option<(CachedLayer, CacheKey)> {
+        let entry = self.get(store, alias)?;
+        let key = CacheKey(entry.resolves_to.clone()?);
+        Some((entry, key))
+    }
+
+    /// Record that `alias` gives `layer`, the layer of content key `key`.
+    pub fn put_alias(
+        &self,
+        alias: &CacheKey,
+        layer: &CachedLayer,
+        key: &CacheKey,
+    ) -> Result<(), CacheError> {
+        let entry = CachedLayer { resolves_to: Some(key.0.clone()), ..layer.clone() };
+        self.put(alias, &entry)
     }
 
     /// Every recorded blob, so that prune keeps what the cache still points at.

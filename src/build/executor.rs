@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -11,8 +11,10 @@ use serde::Serialize;
 use super::cache::{CacheIndex, CachedLayer};
 use super::config::{self, StageFlags};
 use super::key::CacheKey;
-use super::rootfs::{self, ImagePaths};
+use super::merged::{MergedView, PathKind};
+use super::rootfs;
 use super::scheduler::{self, Job, Outcome};
+use super::scratch::{self, BindFrom, FromSource};
 use super::BuildOptions;
 use crate::context::{map_to_destination_with, CopyItem, CopyKind, SourceTree, StatCache};
 use crate::digest::Digest;
@@ -46,8 +48,9 @@ pub struct BuiltImage {
 struct PreparedMount {
     mount: RunMount,
     key: String,
-    /// A flattened `from=` tree the mount reads, kept alive until the step ran.
-    _source: Option<Arc<tempfile::TempDir>>,
+    /// What a bind mount reads when it is not the context read-only: prepared only when the
+    /// step runs (a cached step never touches it), as a scratch tree.
+    from: Option<BindFrom>,
 }
 
 /// What the instructions of one stage can see.
@@ -127,8 +130,6 @@ pub struct Executor<'a> {
     pub sandbox: &'a dyn Sandbox,
     pub stat_cache: &'a StatCache,
     pub options: &'a BuildOptions,
-    /// Flattened root filesystems for `COPY --from` and bind mounts, by filesystem key.
-    pub flattened: Mutex<BTreeMap<CacheKey, Arc<tempfile::TempDir>>>,
     /// Called with each line of RUN output and each step as it starts.
     pub progress: &'a (dyn Fn(&str, ProgressEvent<'_>) + Sync),
 }
@@ -224,6 +225,40 @@ impl Executor<'_> {
         self.commit_image(image, target, steps)
     }
 
+    /// `FROM --platform=P`: ferry builds for the platform it runs on (RUN executes natively,
+    /// without emulation), so P must name that platform, as `$BUILDPLATFORM` and
+    /// `$TARGETPLATFORM` do.
+    fn check_platform(&self, ctx: &StageContext<'_>) -> Result<(), BuildError> {
+        let from = &ctx.df.stages[ctx.index].from;
+        let Some(word) = &from.platform else { return Ok(()) };
+        let err = |message: String| BuildError::Step {
+            file: ctx.df.file.name.clone(),
+            line: from.line,
+            message,
+        };
+        let mut vars = ctx.global.clone();
+        for name in
+            ["BUILDPLATFORM", "TARGETPLATFORM", "BUILDOS", "TARGETOS", "BUILDARCH", "TARGETARCH"]
+        {
+            if let Some(v) = builtin_arg(name, &self.options.platform) {
+                vars.entry(name.to_string()).or_insert(v);
+            }
+        }
+        let lexer = Lexer { escape: ctx.df.escape };
+        let value = lexer.expand_word(word, &vars).map_err(|e| err(e.to_string()))?;
+        let wanted = value.to_lowercase();
+        let host = &self.options.platform;
+        // `linux/amd64/v1` and friends: a variant of the host's architecture is the host.
+        let same = wanted == *host
+            || wanted.strip_prefix(host.as_str()).is_some_and(|rest| rest.starts_with('/'));
+        if !same {
+            return Err(err(format!(
+                "FROM --platform={value}: ferry builds for the platform it runs on ({host}) and cannot build {value} images"
+            )));
+        }
+        Ok(())
+    }
+
     /// Run one stage: its base, the base's ONBUILD triggers, then its instructions.
     fn build_stage(
         &self,
@@ -231,6 +266,7 @@ impl Executor<'_> {
         node: &ImageNode,
     ) -> Result<(StageState, Vec<StepReport>), BuildError> {
         let (image, df, index) = (ctx.image, ctx.df, ctx.index);
+        self.check_platform(ctx)?;
         let base = node.stage_bases.get(&index).cloned().unwrap_or(BaseRef::Scratch);
         let mut state = match &base {
             BaseRef::Scratch => self.scratch(),
@@ -453,7 +489,7 @@ impl Executor<'_> {
         key: CacheKey,
         created_by: String,
         make: impl FnOnce() -> Result<CachedLayer, BuildError>,
-    ) -> Result<StepStatus, BuildError> {
+    ) -> Result<(StepStatus, CachedLayer), BuildError> {
         let cached = if self.options.no_cache { None } else { self.cache.get(self.store, &key) };
         let (layer, status) = match cached {
             Some(l) => (l, StepStatus::Cached),
@@ -466,15 +502,8 @@ impl Executor<'_> {
                 (l, StepStatus::Built)
             }
         };
-        state.layers.push(layer.blob.clone());
-        state.diff_ids.push(layer.diff_id.clone());
-        state.history.push(History {
-            created: Some(self.created()),
-            created_by: Some(created_by),
-            ..Default::default()
-        });
-        state.key = key;
-        Ok(status)
+        push_layer(state, &layer, key, created_by, self.created());
+        Ok((status, layer))
     }
 
     /// Pack entries into a stored layer blob.
@@ -490,36 +519,12 @@ impl Executor<'_> {
             diff_id: packed.diff_id,
             blob: Descriptor::new(packed.media_type, digest, size),
             created_by: created_by.to_string(),
+            resolves_to: None,
         })
     }
 
-    fn flattened(
-        &self,
-        key: &CacheKey,
-        layers: &[Descriptor],
-    ) -> Result<Arc<tempfile::TempDir>, String> {
-        if let Some(dir) = self.flattened.lock().map_err(|e| e.to_string())?.get(key) {
-            return Ok(dir.clone());
-        }
-        let tmp = self.store.tmp_dir();
-        std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
-        let dir = tempfile::Builder::new()
-            .prefix("rootfs-")
-            .tempdir_in(&tmp)
-            .map_err(|e| e.to_string())?;
-        rootfs::flatten(self.store, layers, dir.path()).map_err(|e| e.to_string())?;
-        // Two images may flatten the same source at once: the first one recorded wins, and
-        // callers hold their Arc while they read, so no directory vanishes under a reader.
-        let mut map = self.flattened.lock().map_err(|e| e.to_string())?;
-        Ok(map.entry(key.clone()).or_insert_with(|| Arc::new(dir)).clone())
-    }
-
     /// The source of `--from=NAME`: a stage, a sibling image, or an external image.
-    fn source_of(
-        &self,
-        ctx: &StageContext<'_>,
-        word: &str,
-    ) -> Result<(CacheKey, Vec<Descriptor>), String> {
+    fn source_of(&self, ctx: &StageContext<'_>, word: &str) -> Result<FromSource, String> {
         let lower = word.to_lowercase();
         let df = ctx.df;
         let stage = df.stages[..ctx.index]
@@ -528,16 +533,24 @@ impl Executor<'_> {
             .or_else(|| word.parse::<usize>().ok().filter(|i| *i < ctx.index));
         if let Some(i) = stage {
             let s = ctx.stages.get(&i).ok_or_else(|| format!("stage `{word}` was not built"))?;
-            return Ok((s.key.clone(), s.layers.clone()));
+            return Ok(FromSource {
+                key: s.key.clone(),
+                layers: s.layers.clone(),
+                diff_ids: s.diff_ids.clone(),
+            });
         }
         let repo = crate::reference::strip_tag_and_digest(word);
         let sibling =
             ctx.parents.get(word).or_else(|| ctx.parents.values().find(|b| b.repository == repo));
         if let Some(built) = sibling {
-            return Ok((CacheKey::image(&built.manifest.digest), built.layers.clone()));
+            return Ok(FromSource {
+                key: CacheKey::image(&built.manifest.digest),
+                layers: built.layers.clone(),
+                diff_ids: built.config.rootfs.diff_ids.clone(),
+            });
         }
         let state = self.state_of_external(ctx.image, word).map_err(|e| e.to_string())?;
-        Ok((state.key, state.layers))
+        Ok(FromSource { key: state.key, layers: state.layers, diff_ids: state.diff_ids })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -605,28 +618,6 @@ impl Executor<'_> {
         let dest = lexer.expand_word(dest, vars).map_err(|e| err(e.to_string()))?;
         let workdir = state.config.working_dir.clone().unwrap_or_else(|| "/".into());
 
-        // Where the sources come from, and the identity of that tree for the key.
-        // `_source_dir` keeps a flattened `--from` tree alive while this step reads it.
-        let (tree, source_key, _source_dir): (SourceTree, String, Option<Arc<tempfile::TempDir>>) =
-            match &from {
-                Some(word) => {
-                    let (key, layers) = self.source_of(ctx, word).map_err(&err)?;
-                    let dir = self.flattened(&key, &layers).map_err(&err)?;
-                    let tree = SourceTree::rootfs(dir.path(), format!("--from={word}"))
-                        .map_err(|e| err(e.to_string()))?;
-                    (tree, key.to_string(), Some(dir))
-                }
-                None => {
-                    // The Dockerfile as the context sees it (a relative path is read from the
-                    // context), for its `<Dockerfile>.dockerignore`. Context files are written
-                    // 0:0 (or `--chown`): their owners on this machine must not change the key.
-                    let dockerfile = Path::new(&ctx.image.dockerfile_rel);
-                    let tree = SourceTree::build_context(&ctx.image.context, Some(dockerfile))
-                        .map_err(|e| err(e.to_string()))?
-                        .without_ownership_in_digest();
-                    (tree, "context".to_string(), None)
-                }
-            };
         let mut path_sources = Vec::new();
         let mut heredocs = Vec::new();
         let mut urls = Vec::new();
@@ -684,6 +675,62 @@ impl Executor<'_> {
             }
         };
 
+        let parent_key =
+            if link { CacheKey::scratch(&self.options.platform) } else { state.key.clone() };
+        let created_by = format!("{text} # ferry");
+        let chown_key = owner.map(|(u, g)| format!("{u}:{g}")).unwrap_or_default();
+        let chmod_key = chmod.map(|m| format!("{m:o}")).unwrap_or_default();
+
+        // `--from`: the source's key stands for its whole content, so an alias key made of
+        // it and the step finds a cached result without reading the source at all. On a
+        // miss, only the paths the step copies are brought out of the source's snapshots
+        // and the step is keyed by their content, as a context copy is (a rebuilt source
+        // whose copied files did not change still hits).
+        let from_source = match &from {
+            Some(word) => Some(self.source_of(ctx, word).map_err(&err)?),
+            None => None,
+        };
+        let alias = from_source.as_ref().map(|src| {
+            parent_key
+                .step(keyword)
+                .field("from", &src.key.to_string())
+                .list("sources", path_sources.iter().map(String::as_str))
+                .list("excludes", excludes.iter().map(String::as_str))
+                .list("heredocs", heredocs.iter().flat_map(|(n, b)| [n.as_str(), b.as_str()]))
+                .list("urls", urls.iter().map(String::as_str))
+                .field("checksum", checksum.as_deref().unwrap_or(""))
+                .field("dest", &dest)
+                .field("workdir", &workdir)
+                .field("chown", &chown_key)
+                .field("chmod", &chmod_key)
+                .finish()
+        });
+        if let (Some(alias), false) = (&alias, self.options.no_cache) {
+            if let Some((layer, key)) = self.cache.get_alias(self.store, alias) {
+                push_layer(state, &layer, key, created_by, self.created());
+                return Ok(StepStatus::Cached);
+            }
+        }
+        let from_stat_cache = StatCache::in_memory();
+        let (tree, source_key, stat_cache, _scratch) = match (&from, &from_source) {
+            (Some(word), Some(src)) => {
+                let scratch =
+                    scratch::copy_sources(self.store, src, &path_sources).map_err(&err)?;
+                let tree = SourceTree::rootfs(scratch.path(), format!("--from={word}"))
+                    .map_err(|e| err(e.to_string()))?;
+                (tree, src.key.to_string(), &from_stat_cache, Some(scratch))
+            }
+            _ => {
+                // The Dockerfile as the context sees it (a relative path is read from the
+                // context), for its `<Dockerfile>.dockerignore`. Context files are written
+                // 0:0 (or `--chown`): their owners on this machine must not change the key.
+                let dockerfile = Path::new(&ctx.image.dockerfile_rel);
+                let tree = SourceTree::build_context(&ctx.image.context, Some(dockerfile))
+                    .map_err(|e| err(e.to_string()))?
+                    .without_ownership_in_digest();
+                (tree, "context".to_string(), self.stat_cache, None)
+            }
+        };
         let selection = if path_sources.is_empty() {
             None
         } else {
@@ -691,7 +738,7 @@ impl Executor<'_> {
         };
         let content = match &selection {
             Some(sel) => {
-                sel.content_digest(self.stat_cache).map_err(|e| err(e.to_string()))?.to_string()
+                sel.content_digest(stat_cache).map_err(|e| err(e.to_string()))?.to_string()
             }
             None => String::new(),
         };
@@ -712,8 +759,6 @@ impl Executor<'_> {
                 }
             }
         }
-        let parent_key =
-            if link { CacheKey::scratch(&self.options.platform) } else { state.key.clone() };
         let key = parent_key
             .step(keyword)
             .field("source", &source_key)
@@ -724,20 +769,20 @@ impl Executor<'_> {
             .field("checksum", checksum.as_deref().unwrap_or(""))
             .field("dest", &dest)
             .field("workdir", &workdir)
-            .field("chown", &owner.map(|(u, g)| format!("{u}:{g}")).unwrap_or_default())
-            .field("chmod", &chmod.map(|m| format!("{m:o}")).unwrap_or_default())
+            .field("chown", &chown_key)
+            .field("chmod", &chmod_key)
             .field("from_is_context", if from.is_none() { "1" } else { "0" })
             .finish();
-        let created_by = format!("{text} # ferry");
         let keep_owner = from.is_some();
         let lower_layers = state.layers.clone();
-        self.layer_step(state, key, created_by.clone(), || {
+        let lower_diff_ids = state.diff_ids.clone();
+        let (status, layer) = self.layer_step(state, key.clone(), created_by.clone(), || {
             // What the stage already has where this copy writes (its directories are kept,
             // its symlinks followed). `--link` must not depend on it, by definition.
-            let image = if link || lower_layers.is_empty() {
-                ImagePaths::default()
+            let image = if link {
+                MergedView::default()
             } else {
-                ImagePaths::read(self.store, &lower_layers)
+                MergedView::open(self.store, &lower_layers, &lower_diff_ids)
                     .map_err(|e| err(format!("reading the stage's filesystem: {e}")))?
             };
             let abs = config::clean_path(&if dest.starts_with('/') {
@@ -804,7 +849,14 @@ impl Executor<'_> {
             let packed = self.pack(layer.entries.into_values().collect(), &created_by).map_err(err);
             drop(staging);
             packed
-        })
+        })?;
+        if let Some(alias) = alias {
+            // A cache write failure costs only a future source read.
+            if let Err(e) = self.cache.put_alias(&alias, &layer, &key) {
+                tracing::warn!("cannot record cache entry: {e}");
+            }
+        }
+        Ok(status)
     }
 
     /// ADD of a local tar archive (plain, gzip, bzip2, xz or zstd) extracts it into the
@@ -989,19 +1041,24 @@ impl Executor<'_> {
         let line = ins.line;
         self.layer_step(state, key, created_by.clone(), || {
             let io = |what: &str, e: &dyn std::fmt::Display| err(format!("{what}: {e}"));
-            let snapshots = self.store.state_dir("snapshots").map_err(|e| io("snapshots", &e))?;
+            let lower_dirs = MergedView::open(self.store, &lower_layers, &lower_diff_ids)
+                .map_err(|e| io("extracting a base layer", &e))?
+                .into_layer_dirs();
             let tmp = self.store.tmp_dir();
             std::fs::create_dir_all(&tmp).map_err(|e| io("store tmp", &e))?;
-            let mut lower_dirs = Vec::new();
-            for (desc, diff_id) in lower_layers.iter().zip(&lower_diff_ids).rev() {
-                let id = crate::layer::snapshot_id(diff_id);
-                let dir = crate::layer::ensure_snapshot(&snapshots, &tmp, &id, || {
-                    self.store
-                        .open_blob(&desc.digest)
-                        .map_err(|e| std::io::Error::other(e.to_string()))
-                })
-                .map_err(|e| io("extracting a base layer", &e))?;
-                lower_dirs.push(dir);
+            // Bind mounts from a stage or image: their scratch trees live until the step ran.
+            let mut bind_scratches = Vec::new();
+            let mut run_mounts = Vec::new();
+            for m in &mounts {
+                let mut mount = m.mount.clone();
+                if let (Some(from), RunMount::Bind { source, readonly, .. }) = (&m.from, &mut mount)
+                {
+                    let (scratch, path) = scratch::bind_source(self.store, from, source, *readonly)
+                        .map_err(|e| io("preparing a bind mount", &e))?;
+                    *source = path;
+                    bind_scratches.push(scratch);
+                }
+                run_mounts.push(mount);
             }
             let scratch = tempfile::Builder::new()
                 .prefix("run-")
@@ -1031,7 +1088,7 @@ impl Executor<'_> {
                 additional_gids: Vec::new(),
                 cwd: workdir.clone(),
                 network,
-                mounts: mounts.iter().map(|m| m.mount.clone()).collect(),
+                mounts: run_mounts,
                 hostname: "ferry".to_string(),
             };
             let mut output =
@@ -1069,6 +1126,7 @@ impl Executor<'_> {
                 .map_err(|e| io("reading the RUN result", &e))?;
             self.pack(entries, &created_by).map_err(err)
         })
+        .map(|(status, _)| status)
     }
 
     /// Resolve `RUN --mount=...` values. Each mount's `key` is what the step's cache key
@@ -1104,15 +1162,11 @@ impl Executor<'_> {
                     if source.split('/').any(|c| c == "..") {
                         return Err(format!("RUN --mount source `{source}` leaves its root"));
                     }
-                    let (root, key, keep) = match opts.get("from") {
+                    let (root, key, from) = match opts.get("from") {
                         Some(from) => {
-                            let (key, layers) = self.source_of(ctx, from)?;
-                            let dir = self.flattened(&key, &layers)?;
-                            (
-                                dir.path().to_path_buf(),
-                                format!("bind:{key}:{source}:{target}"),
-                                Some(dir),
-                            )
+                            let src = self.source_of(ctx, from)?;
+                            let key = format!("bind:{}:{source}:{target}", src.key);
+                            (PathBuf::new(), key, Some(BindFrom::Image(src)))
                         }
                         None => {
                             let tree = SourceTree::build_context(
@@ -1127,10 +1181,13 @@ impl Executor<'_> {
                                 .map_err(|e| e.to_string())?
                                 .content_digest(self.stat_cache)
                                 .map_err(|e| e.to_string())?;
+                            // Writes to a writable mount are thrown away, as in BuildKit: never
+                            // into the user's context.
+                            let from = (!readonly).then_some(BindFrom::WritableContext);
                             (
                                 ctx.image.context.clone(),
                                 format!("bind:context:{digest}:{source}:{target}"),
-                                None,
+                                from,
                             )
                         }
                     };
@@ -1141,7 +1198,7 @@ impl Executor<'_> {
                             readonly,
                         },
                         key,
-                        _source: keep,
+                        from,
                     });
                 }
                 "cache" => {
@@ -1156,7 +1213,7 @@ impl Executor<'_> {
                     out.push(PreparedMount {
                         mount: RunMount::Cache { host_dir: dir, target: target.clone() },
                         key: format!("cache:{target}"),
-                        _source: None,
+                        from: None,
                     });
                 }
                 "tmpfs" => {
@@ -1174,7 +1231,7 @@ impl Executor<'_> {
                     out.push(PreparedMount {
                         mount: RunMount::Tmpfs { target: target.clone(), size },
                         key: format!("tmpfs:{target}"),
-                        _source: None,
+                        from: None,
                     });
                 }
                 "secret" => {
@@ -1209,7 +1266,7 @@ impl Executor<'_> {
                             gid: num("gid", 0, 10)?,
                         },
                         key: format!("secret:{id}:{target}"),
-                        _source: None,
+                        from: None,
                     });
                 }
                 other => {
@@ -1272,6 +1329,24 @@ impl Executor<'_> {
             steps,
         })
     }
+}
+
+/// Add a layer to the stage: the filesystem is now `key`.
+fn push_layer(
+    state: &mut StageState,
+    layer: &CachedLayer,
+    key: CacheKey,
+    created_by: String,
+    created: String,
+) {
+    state.layers.push(layer.blob.clone());
+    state.diff_ids.push(layer.diff_id.clone());
+    state.history.push(History {
+        created: Some(created),
+        created_by: Some(created_by),
+        ..Default::default()
+    });
+    state.key = key;
 }
 
 /// The values docker gives the automatic platform ARGs when a stage declares them.
@@ -1346,7 +1421,7 @@ fn url_file_name(url: &str) -> String {
 ///   cannot replace a file or symlink of the stage ("cannot copy to non-directory");
 /// - a file cannot replace a directory of the stage.
 struct CopyLayer<'a> {
-    image: &'a ImagePaths,
+    image: &'a MergedView,
     owner: Option<(u32, u32)>,
     chmod: Option<u32>,
     /// By path without the leading `/`; later writes win.
@@ -1370,8 +1445,8 @@ impl CopyLayer<'_> {
                     "cannot create directory /{prefix}: this copy writes a file there"
                 ));
             }
-            match self.image.get(&prefix).map(|i| &i.kind) {
-                Some(rootfs::PathKind::Dir) => continue,
+            match self.image.get(&prefix).map(|i| i.kind) {
+                Some(PathKind::Dir) => continue,
                 Some(_) => {
                     return Err(format!(
                         "cannot create directory /{prefix}: the image has a file or symlink there"
@@ -1392,11 +1467,11 @@ impl CopyLayer<'_> {
     fn put(&mut self, entry: LayerEntry) -> Result<(), String> {
         let path = strip_root(&entry.path.to_string_lossy());
         let is_dir = entry.kind == crate::layer::EntryKind::Dir;
-        match self.image.get(&path).map(|i| &i.kind) {
-            Some(rootfs::PathKind::Dir) if !is_dir => {
+        match self.image.get(&path).map(|i| i.kind) {
+            Some(PathKind::Dir) if !is_dir => {
                 return Err(format!("cannot replace directory /{path} of the image with a file"))
             }
-            Some(k) if is_dir && *k != rootfs::PathKind::Dir => {
+            Some(k) if is_dir && k != PathKind::Dir => {
                 return Err(format!("cannot copy to non-directory: /{path}"))
             }
             _ => {}

@@ -92,7 +92,6 @@ pub fn build_fleet(
         sandbox,
         stat_cache: &stat_cache,
         options,
-        flattened: Mutex::new(BTreeMap::new()),
         progress: &progress,
     };
     let jobs: Vec<Job> = graph

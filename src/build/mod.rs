@@ -8,9 +8,11 @@ pub mod config;
 pub mod executor;
 pub mod fleet;
 pub mod key;
+pub mod merged;
 pub mod output;
 pub mod rootfs;
 pub mod scheduler;
+pub mod scratch;
 
 use std::collections::BTreeMap;
 

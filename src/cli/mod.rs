@@ -210,6 +210,12 @@ fn init_logging(global: &GlobalArgs) {
         1 => "info",
         _ => "debug",
     };
+    // The TLS verifier logs every refused certificate as an error of its own; ferry reports
+    // the same failure with the registry and what to do, so that line is only noise.
+    let default = match global.verbose {
+        0 | 1 => format!("{default},rustls_platform_verifier=off"),
+        _ => default.to_string(),
+    };
     let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();

@@ -33,7 +33,7 @@ ca_file = "certs/ca.pem"
         assert_eq!(h.mirrors, ["https://mirror.internal"]);
         assert_eq!(h.ca_files, [dir.path().join("certs/ca.pem")]);
         // A CA file means the host is verified, insecure or not.
-        assert!(!c.allows_insecure("reg.example:5000"));
+        assert!(!c.allows_plain_http("reg.example:5000"));
         assert!(!c.host("other.example").insecure);
     }
 }

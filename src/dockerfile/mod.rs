@@ -599,6 +599,9 @@ fn mask_run_heredocs(text: &str) -> (String, std::collections::BTreeMap<usize, S
             continue;
         }
         let mut full = vec![command.to_string()];
+        // The parser would read a here-document of its own after a leading `<<`: hide the
+        // markers on the RUN line too (the command above keeps them).
+        masked[i] = line.replace("<<", "  ");
         let mut j = i + 1;
         for (delim, strip_tabs) in &delimiters {
             while j < lines.len() {

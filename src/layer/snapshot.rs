@@ -1,5 +1,7 @@
 //! Extracted layers shared as overlayfs lower dirs: `snapshots/<short diffID>`, created
-//! once, atomically, and read-only afterwards.
+//! once (under a per-layer lock), atomically, and read-only afterwards. A snapshot is not
+//! synced before use; `<id>.unsynced` marks it until a background sync has written it back,
+//! and a marked snapshot from before a reboot is extracted again.
 
 use std::fs;
 use std::io::{self, Read};
@@ -29,9 +31,9 @@ pub fn snapshot_id(diff_id: &Digest) -> String {
 /// `id` is a prefix of the layer's diffID (see [`snapshot_id`]); `open` is called only when
 /// the snapshot is missing and returns the layer blob in any compression. The content is
 /// checked against `id` while it is extracted. Extraction happens in a fresh directory
-/// under `tmp_dir` (same filesystem as `snapshots_dir`), is synced to disk, and is then
-/// renamed into place without replacing anything: a racing caller that loses simply
-/// returns the winner's snapshot, and a crash leaves only garbage in `tmp_dir`.
+/// under `tmp_dir` (same filesystem as `snapshots_dir`), marked as not yet on disk, and is
+/// then renamed into place; callers for the same layer wait on its lock and then find it.
+/// A killed process leaves only garbage in `tmp_dir`.
 pub fn ensure_snapshot<R: Read>(
     snapshots_dir: &Path,
     tmp_dir: &Path,
@@ -53,15 +55,38 @@ pub fn ensure_snapshot<R: Read>(
         )));
     }
     let target = snapshots_dir.join(id);
-    match fs::symlink_metadata(&target) {
-        Ok(m) if m.is_dir() => return Ok(target),
-        Ok(_) => return Err(fail(format!("`{}` exists but is not a directory", target.display()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_fail("looking for the snapshot", e)),
+    let boot = boot_id();
+    if is_dir(&target).map_err(|e| io_fail("looking for the snapshot", e))?
+        && trusted(snapshots_dir, id, &boot)
+    {
+        return Ok(target);
     }
     fs::create_dir_all(snapshots_dir)
         .map_err(|e| io_fail("creating the snapshots directory", e))?;
     fs::create_dir_all(tmp_dir).map_err(|e| io_fail("creating the temporary directory", e))?;
+    // One extraction per layer at a time; a second caller waits and then finds it done.
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(snapshots_dir.join(format!("{id}.lock")))
+        .map_err(|e| io_fail("opening the snapshot's lock", e))?;
+    lock.lock().map_err(|e| io_fail("locking the snapshot", e))?;
+    if is_dir(&target).map_err(|e| io_fail("looking for the snapshot", e))? {
+        if trusted(snapshots_dir, id, &boot) {
+            return Ok(target);
+        }
+        // Made before a reboot and maybe never written back to disk: extract it again.
+        tracing::info!(snapshot = id, "re-extracting a layer snapshot made before the last boot");
+        let trash = tempfile::Builder::new()
+            .prefix(&format!("stale-{id}-"))
+            .tempdir_in(tmp_dir)
+            .map_err(|e| io_fail("creating a temporary directory", e))?;
+        fs::rename(&target, trash.path().join("root"))
+            .map_err(|e| io_fail("moving a stale snapshot away", e))?;
+    } else if fs::symlink_metadata(&target).is_ok() {
+        return Err(fail(format!("`{}` exists but is not a directory", target.display())));
+    }
 
     // Dropped (and removed) on every path that does not rename it into place.
     let tmp = tempfile::Builder::new()
@@ -85,19 +110,16 @@ pub fn ensure_snapshot<R: Read>(
         )));
     }
 
-    // Data before the rename: after a crash, a snapshot that exists is complete.
-    let staging_dir =
-        fs::File::open(&staging).map_err(|e| io_fail("opening the staging directory", e))?;
-    nix::unistd::syncfs(&staging_dir)
-        .map_err(|e| io_fail("syncing the snapshot to disk", e.into()))?;
-    drop(staging_dir);
-
+    // Not synced here: syncfs waits for every dirty page of the filesystem, seconds on a
+    // busy machine. Instead the snapshot is marked with this boot's id until a background
+    // sync has written it back; a marked snapshot found after a reboot may have lost data in
+    // a crash and is extracted again (see `trusted`).
+    let marker = marker_path(snapshots_dir, id);
+    crate::store::atomic_write(&marker, boot.as_bytes())
+        .map_err(|e| io_fail("marking the snapshot", std::io::Error::other(e.to_string())))?;
     match renameat2(AT_FDCWD, &staging, AT_FDCWD, &target, RenameFlags::RENAME_NOREPLACE) {
         Ok(()) => {
-            if let Ok(d) = fs::File::open(snapshots_dir) {
-                // Make the rename itself durable; failure only costs a re-extraction.
-                let _ = d.sync_all();
-            }
+            sync_in_background(snapshots_dir.to_path_buf(), marker, boot);
             Ok(target)
         }
         // Another process extracted the same layer first: its result is ours.
@@ -109,4 +131,48 @@ pub fn ensure_snapshot<R: Read>(
         ))),
         Err(e) => Err(io_fail("moving the snapshot into place", e.into())),
     }
+}
+
+fn is_dir(path: &Path) -> io::Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(m) => Ok(m.is_dir()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `snapshots/<id>.unsynced`: present while the snapshot may not be on disk yet, holding
+/// the boot id it was made under.
+fn marker_path(snapshots_dir: &Path, id: &str) -> PathBuf {
+    snapshots_dir.join(format!("{id}.unsynced"))
+}
+
+/// This boot of the machine (empty where the kernel does not say: then no snapshot is
+/// ever distrusted for a reboot, the old behaviour of trusting a completed rename).
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// A snapshot can be used if it is known to be on disk (no marker) or was made during this
+/// boot (its data is in the page cache even if not yet written back).
+fn trusted(snapshots_dir: &Path, id: &str, boot: &str) -> bool {
+    match fs::read_to_string(marker_path(snapshots_dir, id)) {
+        Ok(made_under) => made_under == boot,
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    }
+}
+
+/// Write the new snapshot back to disk and then drop its marker, without making the build
+/// wait. If the process exits first, the marker stays: only a reboot makes that matter.
+fn sync_in_background(snapshots_dir: PathBuf, marker: PathBuf, boot: String) {
+    std::thread::spawn(move || {
+        let Ok(dir) = fs::File::open(&snapshots_dir) else { return };
+        if nix::unistd::syncfs(&dir).is_ok() && fs::read_to_string(&marker).is_ok_and(|b| b == boot)
+        {
+            let _ = fs::remove_file(&marker);
+            let _ = dir.sync_all();
+        }
+    });
 }

@@ -3,11 +3,16 @@
 //! Per host it learns the scheme (HTTPS; plain HTTP only for insecure or loopback hosts,
 //! found the way docker does: HTTPS first, HTTP if the TLS connection fails), the auth
 //! scheme (from the first 401 challenge) and caches bearer tokens per scope set. Requests
-//! are retried with exponential backoff on connect errors, 5xx and 429 (honouring
-//! Retry-After), never on other 4xx.
+//! are retried with exponential backoff on connect errors, timeouts, 5xx and 429 (honouring
+//! Retry-After up to a cap), never on other 4xx and never on an untrusted certificate.
+//!
+//! A registry that goes quiet is given up on after the configured timeout: for the answer
+//! to a request, and for each next piece of a response body; an upload also gets the time
+//! to send its body at a minimal rate. Errors name the registry and what was being done
+//! ("GET manifest acme/api:1.0"), never a URL (which may carry signed query strings).
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,9 +25,9 @@ use reqwest::{Method, StatusCode};
 use url::Url;
 
 use super::auth::{parse_challenges, pull_scope, push_scope, TokenResponse};
-use super::config::RegistryConfig;
+use super::config::{RegistryConfig, RetryPolicy, MIN_UPLOAD_RATE};
 use super::credentials::{Credential, DockerConfigFile, Secret};
-use super::{BlobStream, FetchedManifest, MountOutcome, Registry, RegistryError, Result};
+use super::{seconds, BlobStream, FetchedManifest, MountOutcome, Registry, RegistryError, Result};
 use crate::digest::Digest;
 use crate::oci::{self, media_type, Descriptor, ImageIndex};
 use crate::reference::{Repository, DEFAULT_REGISTRY, DOCKER_HUB_API_HOST};
@@ -40,35 +45,6 @@ pub struct UploadPolicy {
 impl Default for UploadPolicy {
     fn default() -> UploadPolicy {
         UploadPolicy { monolithic_max: 32 * 1024 * 1024, chunk_size: 16 * 1024 * 1024 }
-    }
-}
-
-/// How often and how patiently to retry.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Total tries of one request, the first included.
-    pub attempts: u32,
-    pub initial_delay: Duration,
-    pub max_delay: Duration,
-    /// The longest Retry-After ferry agrees to wait.
-    pub max_retry_after: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> RetryPolicy {
-        RetryPolicy {
-            attempts: 5,
-            initial_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(10),
-            max_retry_after: Duration::from_secs(60),
-        }
-    }
-}
-
-impl RetryPolicy {
-    fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
-        self.initial_delay.saturating_mul(factor).min(self.max_delay)
     }
 }
 
@@ -106,6 +82,7 @@ impl RegistryClient {
     /// A client with these settings, reading credentials from docker's `config.json`.
     pub fn new(config: RegistryConfig) -> RegistryClient {
         let docker_config = DockerConfigFile::locate(config.docker_config_dir.as_deref());
+        let retry = config.retry.clone();
         RegistryClient {
             config,
             docker_config,
@@ -114,7 +91,7 @@ impl RegistryClient {
             bases: Mutex::new(HashMap::new()),
             auth: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
-            retry: RetryPolicy::default(),
+            retry,
             upload: UploadPolicy::default(),
         }
     }
@@ -124,6 +101,7 @@ impl RegistryClient {
         self
     }
 
+    /// Retry with this policy instead of the configuration's.
     pub fn with_retry(mut self, retry: RetryPolicy) -> RegistryClient {
         self.retry = retry;
         self
@@ -190,10 +168,15 @@ impl RegistryClient {
             return Ok(c.clone());
         }
         let cfg_err = |reason: String| RegistryError::Config { registry: host.to_string(), reason };
+        if let Some(problem) = &self.config.settings_error {
+            return Err(cfg_err(problem.clone()));
+        }
+        // Every request sets its own timeout (an upload gets longer); this one covers the
+        // probes and token requests.
         let mut b = Client::builder()
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
-            .timeout(None)
-            .connect_timeout(Duration::from_secs(20))
+            .timeout(self.config.timeout)
+            .connect_timeout(self.config.timeout.min(Duration::from_secs(20)))
             .tcp_keepalive(Duration::from_secs(30));
         let cas = &self.config.host(host).ca_files;
         let mut certs = Vec::new();
@@ -231,16 +214,24 @@ impl RegistryClient {
             })
         };
         let https = parse(format!("https://{}/", ep.api_host))?;
-        if !self.config.allows_insecure(&ep.name) {
+        if !self.config.allows_plain_http(&ep.name) {
             return Ok(https);
         }
-        let client = self.http(&ep.name, true)?;
+        let client = self.http(&ep.name, self.config.skips_tls_verification(&ep.name))?;
         let probe = https.join("v2/").map_err(|e| RegistryError::Config {
             registry: ep.name.clone(),
             reason: e.to_string(),
         })?;
         let chosen = match client.get(probe).send() {
             Ok(_) => https,
+            // The host speaks TLS, with a certificate ferry cannot trust: plain HTTP would
+            // only hide that (a TLS server answers it with 400), so say it.
+            Err(e) if certificate_problem(&e).is_some() => {
+                return Err(RegistryError::Tls {
+                    registry: ep.name.clone(),
+                    problem: certificate_problem(&e).unwrap_or_default(),
+                })
+            }
             Err(tls_err) => {
                 tracing::debug!(registry = %ep.name, error = %describe(&tls_err), "HTTPS failed; trying plain HTTP");
                 let http = parse(format!("http://{}/", ep.api_host))?;
@@ -255,6 +246,14 @@ impl RegistryClient {
                         Ok(_) => break http,
                         Err(e) if attempt < self.retry.attempts && transient(&e) => {
                             std::thread::sleep(self.retry.backoff(attempt));
+                        }
+                        Err(e) if e.is_timeout() => {
+                            return Err(RegistryError::Timeout {
+                                registry: ep.name.clone(),
+                                what: "GET /v2/ (the API check)".to_string(),
+                                after: self.config.timeout,
+                                tries: attempt,
+                            })
                         }
                         Err(e) => {
                             return Err(RegistryError::Unreachable {
@@ -319,7 +318,7 @@ impl RegistryClient {
             (Some(h), None) => h.to_string(),
             _ => ep.name.clone(),
         };
-        let client = self.http(&ep.name, self.config.allows_insecure(&realm_host))?;
+        let client = self.http(&ep.name, self.config.skips_tls_verification(&realm_host))?;
         let scope = scopes.join(" ");
         let mut attempt = 0;
         let resp = loop {
@@ -368,17 +367,16 @@ impl RegistryClient {
                         || r.status() == StatusCode::TOO_MANY_REQUESTS)
                         && attempt < self.retry.attempts =>
                 {
-                    std::thread::sleep(self.retry_delay(&r, attempt));
+                    let what = "a token request".to_string();
+                    std::thread::sleep(self.delay_for_response(ep, &what, &r, attempt)?);
                 }
                 Ok(r) => break r,
-                Err(e) if transient(&e) && attempt < self.retry.attempts => {
-                    std::thread::sleep(self.retry.backoff(attempt));
-                }
                 Err(e) => {
-                    return Err(RegistryError::Unreachable {
-                        registry: ep.name.clone(),
-                        reason: format!("token service: {}", describe(&e)),
-                    })
+                    let err = self.request_error(ep, &Method::GET, &url, &e, attempt);
+                    match self.retry_delay_for(&err, attempt) {
+                        Some(d) => std::thread::sleep(d),
+                        None => return Err(err),
+                    }
                 }
             }
         };
@@ -464,6 +462,7 @@ impl RegistryClient {
             what: "a request".to_string(),
             status: 401,
             detail: "unsupported authentication scheme".to_string(),
+            retry_after: None,
         })
     }
 
@@ -473,10 +472,80 @@ impl RegistryClient {
         RegistryError::Unauthorized { registry: ep.name.clone(), user }
     }
 
-    fn retry_delay(&self, resp: &Response, attempt: u32) -> Duration {
-        retry_after(resp.headers())
-            .map(|d| d.min(self.retry.max_retry_after))
-            .unwrap_or_else(|| self.retry.backoff(attempt))
+    /// How long to wait before retrying after a 5xx or 429: the Retry-After the registry
+    /// asked for, else the backoff. A Retry-After beyond the cap is an error now: waiting
+    /// that long is for the user to decide.
+    fn delay_for_response(
+        &self,
+        ep: &Endpoint,
+        what: &str,
+        resp: &Response,
+        attempt: u32,
+    ) -> Result<Duration> {
+        match retry_after(resp.headers()) {
+            Some(d) if d > self.retry.max_retry_after => Err(RegistryError::RateLimited {
+                registry: ep.name.clone(),
+                what: what.to_string(),
+                retry_after: d,
+                cap: self.retry.max_retry_after,
+            }),
+            Some(d) => Ok(d),
+            None => Ok(self.retry.backoff(attempt)),
+        }
+    }
+
+    /// Whether an operation that failed with `error` on try `attempt` is tried again, and
+    /// after how long.
+    fn retry_delay_for(&self, error: &RegistryError, attempt: u32) -> Option<Duration> {
+        if attempt >= self.retry.attempts || !error.is_transient() {
+            return None;
+        }
+        Some(match error {
+            RegistryError::Status { retry_after: Some(secs), .. } => {
+                Duration::from_secs(u64::from(*secs))
+            }
+            _ => self.retry.backoff(attempt),
+        })
+    }
+
+    /// A failed request as the user should read it.
+    fn request_error(
+        &self,
+        ep: &Endpoint,
+        method: &Method,
+        url: &Url,
+        e: &reqwest::Error,
+        attempt: u32,
+    ) -> RegistryError {
+        if let Some(problem) = certificate_problem(e) {
+            return RegistryError::Tls { registry: ep.name.clone(), problem };
+        }
+        // The body being sent was another registry's download, and that broke off.
+        if let Some(b) = causes(e).find_map(|c| c.downcast_ref::<DownloadBroke>()) {
+            return RegistryError::Interrupted {
+                registry: b.registry.clone(),
+                what: b.what.clone(),
+                reason: b.reason.clone(),
+            };
+        }
+        if e.is_timeout() {
+            // The configured timeout, as the user set it: an upload's extra time to send its
+            // body is not the registry's silence.
+            return RegistryError::Timeout {
+                registry: ep.name.clone(),
+                what: request_subject(method, url),
+                after: self.config.timeout,
+                tries: attempt,
+            };
+        }
+        if e.is_connect() {
+            return RegistryError::Unreachable { registry: ep.name.clone(), reason: describe(e) };
+        }
+        RegistryError::Interrupted {
+            registry: ep.name.clone(),
+            what: request_subject(method, url),
+            reason: describe(e),
+        }
     }
 
     /// Send one request: auth, challenge answering, retries. Returns any final response
@@ -489,17 +558,23 @@ impl RegistryClient {
         method: Method,
         url: Url,
         headers: HeaderMap,
-        body: Option<&dyn Fn() -> std::io::Result<Body>>,
+        body: Option<Outgoing<'_>>,
         retry: bool,
     ) -> Result<Response> {
-        let insecure = url.scheme() == "http" || self.config.allows_insecure(&ep.name);
-        let client = self.http(&ep.name, insecure)?;
+        let client = self.http(&ep.name, self.config.skips_tls_verification(&ep.name))?;
+        let timeout = self.config.timeout
+            + body.as_ref().map_or(Duration::ZERO, |b| {
+                Duration::from_secs_f64(b.len as f64 / MIN_UPLOAD_RATE as f64)
+            });
         let mut attempt = 0;
         let mut answered_challenge = false;
         loop {
             attempt += 1;
             let auth = self.auth_header(ep, scopes)?;
-            let mut req = client.request(method.clone(), url.clone()).headers(headers.clone());
+            let mut req = client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone())
+                .timeout(timeout);
             if let Some(a) = &auth {
                 let mut v = HeaderValue::from_str(a).map_err(|_| RegistryError::Credentials {
                     registry: ep.name.clone(),
@@ -509,23 +584,22 @@ impl RegistryClient {
                 v.set_sensitive(true);
                 req = req.header(AUTHORIZATION, v);
             }
-            if let Some(make) = body {
+            if let Some(b) = &body {
                 req = req.body(
-                    make().map_err(|e| RegistryError::Io { path: url.path().into(), source: e })?,
+                    (b.make)()
+                        .map_err(|e| RegistryError::Io { path: url.path().into(), source: e })?,
                 );
             }
             tracing::debug!(registry = %ep.name, %method, path = url.path(), attempt, "request");
             match req.send() {
                 Err(e) => {
-                    if retry && attempt < self.retry.attempts && transient(&e) {
-                        tracing::info!(registry = %ep.name, error = %describe(&e), "retrying");
-                        std::thread::sleep(self.retry.backoff(attempt));
+                    let err = self.request_error(ep, &method, &url, &e, attempt);
+                    if let Some(delay) = self.retry_delay_for(&err, attempt).filter(|_| retry) {
+                        tracing::info!(registry = %ep.name, error = %err, ?delay, "retrying");
+                        std::thread::sleep(delay);
                         continue;
                     }
-                    return Err(RegistryError::Unreachable {
-                        registry: ep.name.clone(),
-                        reason: describe(&e),
-                    });
+                    return Err(err);
                 }
                 Ok(resp) => {
                     let status = resp.status();
@@ -550,7 +624,8 @@ impl RegistryClient {
                         && attempt < self.retry.attempts
                         && (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
                     {
-                        let delay = self.retry_delay(&resp, attempt);
+                        let what = request_subject(&method, &url);
+                        let delay = self.delay_for_response(ep, &what, &resp, attempt)?;
                         tracing::info!(registry = %ep.name, %status, ?delay, "retrying");
                         drop(resp);
                         std::thread::sleep(delay);
@@ -565,6 +640,16 @@ impl RegistryClient {
     /// Turn an unexpected response into an error, with the registry's own error message.
     fn failure(&self, ep: &Endpoint, what: String, resp: Response) -> RegistryError {
         let status = resp.status();
+        let mut retry_after = None;
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            match self.delay_for_response(ep, &what, &resp, 1) {
+                Err(limited) => return limited,
+                Ok(_) => {
+                    retry_after = self::retry_after(resp.headers())
+                        .map(|d| u32::try_from(d.as_secs_f64().ceil() as u64).unwrap_or(u32::MAX))
+                }
+            }
+        }
         let mut body = String::new();
         let _ = resp.take(4096).read_to_string(&mut body);
         let detail = error_detail(&body);
@@ -581,6 +666,7 @@ impl RegistryClient {
                 what,
                 status: s.as_u16(),
                 detail,
+                retry_after,
             },
         }
     }
@@ -628,9 +714,10 @@ impl RegistryClient {
         let header_digest = header_str(resp.headers(), "docker-content-digest");
         let mut bytes = Vec::new();
         resp.take(MANIFEST_MAX + 1).read_to_end(&mut bytes).map_err(|e| {
-            RegistryError::Unreachable {
+            RegistryError::Interrupted {
                 registry: ep.name.clone(),
-                reason: format!("reading {what}: {e}"),
+                what: format!("the download of {what}"),
+                reason: describe_io(&e, self.config.timeout),
             }
         })?;
         if bytes.len() as u64 > MANIFEST_MAX {
@@ -674,11 +761,13 @@ impl RegistryClient {
             attempt += 1;
             match self.upload_once(ep, repo, digest, size, path, location.take()) {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt < self.retry.attempts && is_transient(&e) => {
-                    tracing::info!(registry = %ep.name, %digest, error = %e, "upload failed; starting over");
-                    std::thread::sleep(self.retry.backoff(attempt));
-                }
-                Err(e) => return Err(e),
+                Err(e) => match self.retry_delay_for(&e, attempt) {
+                    Some(delay) => {
+                        tracing::info!(registry = %ep.name, %digest, error = %e, ?delay, "upload failed; starting over");
+                        std::thread::sleep(delay);
+                    }
+                    None => return Err(e),
+                },
             }
         }
     }
@@ -725,8 +814,9 @@ impl RegistryClient {
                 h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
                 h.insert("content-range", header_value(&format!("{offset}-{}", offset + len - 1))?);
                 let make = || file_part(offset, len);
+                let body = Outgoing { make: &make, len };
                 let resp =
-                    self.send(ep, &scopes, Method::PATCH, location.clone(), h, Some(&make), false)?;
+                    self.send(ep, &scopes, Method::PATCH, location.clone(), h, Some(body), false)?;
                 if resp.status() != StatusCode::ACCEPTED {
                     return Err(self.failure(ep, what, resp));
                 }
@@ -751,7 +841,8 @@ impl RegistryClient {
         let mut h = HeaderMap::new();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         let make = || file_part(0, size);
-        let resp = self.send(ep, &scopes, Method::PUT, location, h, Some(&make), false)?;
+        let body = Outgoing { make: &make, len: size };
+        let resp = self.send(ep, &scopes, Method::PUT, location, h, Some(body), false)?;
         self.check_created(ep, what, resp, digest)
     }
 
@@ -826,10 +917,12 @@ impl Registry for RegistryClient {
         h.insert(CONTENT_TYPE, header_value(media_type)?);
         let owned = bytes.to_vec();
         let make = || Ok(Body::from(owned.clone()));
+        let body = Outgoing { make: &make, len: bytes.len() as u64 };
         let resp =
-            self.send(&ep, &[push_scope(&repo.path)], Method::PUT, url, h, Some(&make), true)?;
+            self.send(&ep, &[push_scope(&repo.path)], Method::PUT, url, h, Some(body), true)?;
         let digest = Digest::of(bytes);
-        self.check_created(&ep, format!("manifest {}:{reference}", repo.path), resp, &digest)?;
+        let what = format!("manifest {}:{reference}", repo.path).replace(":sha256:", "@sha256:");
+        self.check_created(&ep, what, resp, &digest)?;
         Ok(digest)
     }
 
@@ -868,13 +961,23 @@ impl Registry for RegistryClient {
                 return Err(self.failure(ep, format!("blob {digest} of {}", repo.path), resp));
             }
             let size = resp.content_length();
-            Ok(BlobStream { reader: Box::new(resp), size })
+            let reader = BodyReader {
+                resp,
+                timeout: self.config.timeout,
+                registry: ep.name.clone(),
+                what: format!("the download of blob {digest} of {}", repo.path),
+            };
+            Ok(BlobStream { reader: Box::new(reader), size })
         })
     }
 
     fn put_blob(&self, repo: &Repository, digest: &Digest, size: u64, path: &Path) -> Result<()> {
         let ep = self.upstream(&repo.registry);
         self.upload(&ep, repo, digest, size, path, None)
+    }
+
+    fn retry_delay(&self, error: &RegistryError, attempt: u32) -> Option<Duration> {
+        self.retry_delay_for(error, attempt)
     }
 
     fn mount_blob(
@@ -981,7 +1084,8 @@ impl Registry for RegistryClient {
         };
         let mut h = HeaderMap::new();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        let resp = self.send(&ep, &scopes, Method::PUT, location, h, Some(&make), false)?;
+        let body = Outgoing { make: &make, len: size };
+        let resp = self.send(&ep, &scopes, Method::PUT, location, h, Some(body), false)?;
         self.check_created(&ep, what, resp, digest)
     }
 
@@ -1116,12 +1220,147 @@ fn transient(e: &reqwest::Error) -> bool {
     e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
 }
 
-fn is_transient(e: &RegistryError) -> bool {
-    match e {
-        RegistryError::Unreachable { .. } => true,
-        RegistryError::Status { status, .. } => *status >= 500 || *status == 429,
-        _ => false,
+/// A request body: how to make it (again, for a retry) and how long it is.
+struct Outgoing<'a> {
+    make: &'a dyn Fn() -> io::Result<Body>,
+    len: u64,
+}
+
+/// A blob download: its read errors say, in the user's terms, which registry broke off
+/// which download. When the stream is the body of an upload to another registry (a
+/// promotion), that is how the failure is blamed on the source, not the destination.
+struct BodyReader {
+    resp: Response,
+    timeout: Duration,
+    registry: String,
+    what: String,
+}
+
+impl Read for BodyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.resp.read(buf).map_err(|e| {
+            let broke = DownloadBroke {
+                registry: self.registry.clone(),
+                what: self.what.clone(),
+                reason: describe_io(&e, self.timeout),
+            };
+            io::Error::new(e.kind(), broke)
+        })
     }
+}
+
+/// A download that broke off, carried through I/O errors; displays as its reason.
+#[derive(Debug)]
+struct DownloadBroke {
+    registry: String,
+    what: String,
+    reason: String,
+}
+
+impl std::fmt::Display for DownloadBroke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for DownloadBroke {}
+
+/// The errors an error wraps, following io::Errors' inner errors too (an io::Error's
+/// `source` skips the error it wraps).
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |c| {
+        match c.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        }
+    })
+}
+
+/// An I/O error of a response body, with reqwest's causes and a timeout spelled out.
+fn describe_io(e: &io::Error, timeout: Duration) -> String {
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<reqwest::Error>());
+    match inner {
+        Some(r) if r.is_timeout() => {
+            format!("the registry sent nothing for {} (FERRY_REGISTRY_TIMEOUT)", seconds(&timeout))
+        }
+        Some(r) => describe(r),
+        None if e.kind() == io::ErrorKind::TimedOut => {
+            format!("the registry sent nothing for {} (FERRY_REGISTRY_TIMEOUT)", seconds(&timeout))
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Why a TLS certificate was refused, if that is what failed. (rustls' error sits under
+/// hyper's, inside io::Errors that may wrap one another.)
+fn certificate_problem(e: &reqwest::Error) -> Option<String> {
+    causes(e).find_map(|c| match c.downcast_ref::<rustls::Error>() {
+        Some(rustls::Error::InvalidCertificate(problem)) => Some(certificate_problem_text(problem)),
+        _ => None,
+    })
+}
+
+fn certificate_problem_text(e: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as C;
+    let what = match e {
+        C::UnknownIssuer => "it is signed by an unknown certificate authority (issuer)",
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "it is not valid for this host name"
+        }
+        C::Expired | C::ExpiredContext { .. } => "it has expired",
+        C::NotValidYet | C::NotValidYetContext { .. } => "it is not valid yet",
+        C::Revoked => "it has been revoked",
+        // Typically a CA of the right name but another key: the wrong CA file.
+        C::BadSignature => {
+            "its signature does not verify against the certificate authority it names"
+        }
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => "it is not meant for a TLS server",
+        _ => "",
+    };
+    if what.is_empty() {
+        format!("it was rejected ({e})")
+    } else {
+        what.to_string()
+    }
+}
+
+/// What a request is about, for messages: `GET manifest acme/api:1.0`,
+/// `PUT upload of blob sha256:… to acme/api`. Built from the path only: a URL may carry
+/// signed query strings.
+fn request_subject(method: &Method, url: &Url) -> String {
+    let path = url.path();
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return format!("{method} {path}");
+    };
+    if rest.is_empty() {
+        return format!("{method} /v2/ (the API check)");
+    }
+    let split = |marker: &str| rest.rfind(marker).map(|i| (&rest[..i], &rest[i + marker.len()..]));
+    if let Some((repo, reference)) = split("/manifests/") {
+        let sep = if reference.contains(':') { '@' } else { ':' };
+        return format!("{method} manifest {repo}{sep}{reference}");
+    }
+    if let Some((repo, _)) = split("/blobs/uploads/") {
+        let digest = url.query_pairs().find(|(k, _)| k == "digest").map(|(_, v)| v.to_string());
+        let mounted = url.query_pairs().find(|(k, _)| k == "mount").map(|(_, v)| v.to_string());
+        return match (digest, mounted) {
+            (Some(d), _) => format!("{method} upload of blob {d} to {repo}"),
+            (None, Some(d)) => format!("{method} mount of blob {d} into {repo}"),
+            (None, None) => format!("{method} blob upload to {repo}"),
+        };
+    }
+    if let Some((repo, digest)) = split("/blobs/") {
+        return format!("{method} blob {digest} of {repo}");
+    }
+    if let Some((repo, _)) = split("/tags/list") {
+        return format!("{method} tag list of {repo}");
+    }
+    if let Some((repo, digest)) = split("/referrers/") {
+        return format!("{method} referrers of {repo}@{digest}");
+    }
+    format!("{method} {path}")
 }
 
 /// A reqwest error without its URL (which may carry signed query strings), with causes.
@@ -1139,8 +1378,15 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
     };
     s.push_str(kind);
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        // A cause that already says what was said so far (ferry's own wrapped errors)
+        // replaces it rather than repeating it.
+        if text.starts_with(&s) {
+            s = text;
+        } else if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -1231,11 +1477,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_and_caps() {
-        let p = RetryPolicy::default();
-        assert_eq!(p.backoff(1), Duration::from_millis(200));
-        assert_eq!(p.backoff(2), Duration::from_millis(400));
-        assert_eq!(p.backoff(40), p.max_delay);
+    fn requests_are_named_by_what_they_touch() {
+        let subject = |m: Method, u: &str| request_subject(&m, &Url::parse(u).unwrap());
+        let d = "sha256:aaaa";
+        assert_eq!(
+            subject(Method::GET, "http://h/v2/acme/api/manifests/1.0"),
+            "GET manifest acme/api:1.0"
+        );
+        assert_eq!(
+            subject(Method::HEAD, &format!("http://h/v2/acme/api/manifests/{d}")),
+            format!("HEAD manifest acme/api@{d}")
+        );
+        assert_eq!(
+            subject(Method::GET, &format!("http://h/v2/a/blobs/b/blobs/{d}")),
+            format!("GET blob {d} of a/blobs/b")
+        );
+        assert_eq!(
+            subject(Method::PUT, &format!("http://h/v2/a/blobs/uploads/u-1?_state=x&digest={d}")),
+            format!("PUT upload of blob {d} to a")
+        );
+        assert_eq!(subject(Method::POST, "http://h/v2/a/blobs/uploads/"), "POST blob upload to a");
+        assert_eq!(
+            subject(Method::POST, &format!("http://h/v2/a/blobs/uploads/?mount={d}&from=b")),
+            format!("POST mount of blob {d} into a")
+        );
+        assert_eq!(subject(Method::GET, "http://h/v2/a/tags/list?n=1"), "GET tag list of a");
+        assert_eq!(subject(Method::GET, "http://h/v2/"), "GET /v2/ (the API check)");
+        assert_eq!(subject(Method::GET, "http://h/token?scope=x"), "GET /token");
     }
 
     #[test]

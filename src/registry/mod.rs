@@ -12,6 +12,7 @@ mod pull;
 
 use std::io::Read;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::digest::Digest;
 use crate::oci::{Descriptor, ImageIndex};
@@ -19,8 +20,10 @@ use crate::reference::Repository;
 use crate::store::StoreError;
 
 pub use auth::{parse_challenges, pull_scope, push_scope, Challenge};
-pub use client::{RegistryClient, RetryPolicy, UploadPolicy};
-pub use config::{RegistryConfig, RegistryHostConfig};
+pub use client::{RegistryClient, UploadPolicy};
+pub use config::{
+    RegistryConfig, RegistryHostConfig, RetryPolicy, DEFAULT_TIMEOUT, MIN_UPLOAD_RATE,
+};
 pub use credentials::{auth_key, Credential, DockerConfigFile, Secret, StoredIn};
 pub use pull::{pull, PullOptions, PullReport};
 
@@ -38,7 +41,23 @@ pub enum RegistryError {
     #[error("{what} not found in {registry}{}", detail_suffix(detail))]
     NotFound { registry: String, what: String, detail: String },
     #[error("registry {registry} answered {status} to {what}{}", detail_suffix(detail))]
-    Status { registry: String, what: String, status: u16, detail: String },
+    Status {
+        registry: String,
+        what: String,
+        status: u16,
+        detail: String,
+        /// The Retry-After the registry asked for (429, 503), within ferry's cap, in whole
+        /// seconds (as the header gives it; keeps the error small).
+        retry_after: Option<u32>,
+    },
+    #[error("registry {registry} did not answer {what} within {} ({tries} {}); if it is only slow, raise FERRY_REGISTRY_TIMEOUT (seconds)", seconds(after), if *tries == 1 { "try" } else { "tries" })]
+    Timeout { registry: String, what: String, after: Duration, tries: u32 },
+    #[error("registry {registry} broke off {what}: {reason}")]
+    Interrupted { registry: String, what: String, reason: String },
+    #[error("registry {registry} is rate-limiting {what} and asks to retry in {}, longer than ferry waits ({}, FERRY_REGISTRY_MAX_RETRY_AFTER); try again later", seconds(retry_after), seconds(cap))]
+    RateLimited { registry: String, what: String, retry_after: Duration, cap: Duration },
+    #[error("the TLS certificate of registry {registry} is not trusted: {problem}. To trust its CA, add `ca_file = \"ca.pem\"` (a PEM file, relative to images.toml) under `[registries.\"{registry}\"]` in images.toml, or copy it to `$FERRY_CERTS_DIR/{registry}/ca.crt` (default ~/.config/ferry/certs.d); to skip verification instead, on a network you trust, set `insecure = true` there")]
+    Tls { registry: String, problem: String },
     #[error("{what} from {registry} does not match its digest: expected {expected}, got {actual}; it was not stored")]
     DigestMismatch { registry: String, what: String, expected: Digest, actual: Digest },
     #[error("{what} from {registry} is not valid: {reason}")]
@@ -55,6 +74,29 @@ pub enum RegistryError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl RegistryError {
+    /// Whether trying again may help: the network or the registry failed, not the request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Unreachable { .. }
+            | RegistryError::Timeout { .. }
+            | RegistryError::Interrupted { .. } => true,
+            RegistryError::Status { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+/// `1s`, `1.5s`, `60s`: durations as a user sets them.
+fn seconds(d: &Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}s")
+    } else {
+        format!("{}s", (s * 1000.0).round() / 1000.0)
+    }
 }
 
 fn detail_suffix(detail: &str) -> String {
@@ -156,6 +198,12 @@ pub trait Registry: Send + Sync {
         let mut tmp = tempfile::NamedTempFile::new().map_err(io)?;
         std::io::copy(&mut reader, tmp.as_file_mut()).map_err(io)?;
         self.put_blob(repo, digest, size, tmp.path())
+    }
+    /// Whether to try again an operation that failed with `error` on try `attempt` (from
+    /// 1), and after how long; None: give up. Callers that restart a whole operation (an
+    /// upload, a download, a streamed copy) ask here, so every retry follows one policy.
+    fn retry_delay(&self, error: &RegistryError, attempt: u32) -> Option<Duration> {
+        (error.is_transient() && attempt < 3).then(|| Duration::from_millis(200 * attempt as u64))
     }
     /// Every tag of a repository.
     fn list_tags(&self, repo: &Repository) -> Result<Vec<String>>;

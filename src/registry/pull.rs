@@ -46,9 +46,6 @@ pub struct PullReport {
     pub blobs_present: usize,
 }
 
-/// How often one blob download starts over after a broken stream.
-const BLOB_ATTEMPTS: u32 = 3;
-
 /// Pull `reference` into `store` through `registry`.
 pub fn pull(
     store: &Store,
@@ -252,7 +249,7 @@ fn fetch_blob(
             Ok(n) if n != desc.size => {
                 return Err(RegistryError::Invalid {
                     registry: repo.registry.clone(),
-                    what: format!("blob {}", desc.digest),
+                    what: format!("blob {} of {}", desc.digest, reference.familiar()),
                     reason: format!(
                         "it has {}{} bytes, the manifest says {}",
                         if n > desc.size { "more than " } else { "" },
@@ -279,15 +276,20 @@ fn fetch_blob(
                     Err(e) => Err(e.into()),
                 };
             }
-            Err(CopyError::Read(e)) if attempt < BLOB_ATTEMPTS => {
-                tracing::info!(digest = %desc.digest, error = %e, "download broke off; starting over");
-                writer.abort();
-            }
             Err(CopyError::Read(e)) => {
-                return Err(RegistryError::Unreachable {
+                writer.abort();
+                let broke = RegistryError::Interrupted {
                     registry: repo.registry.clone(),
-                    reason: format!("download of blob {} broke off: {e}", desc.digest),
-                })
+                    what: format!("the download of blob {} of {}", desc.digest, repo.path),
+                    reason: e.to_string(),
+                };
+                match registry.retry_delay(&broke, attempt) {
+                    Some(delay) => {
+                        tracing::info!(digest = %desc.digest, error = %broke, ?delay, "download broke off; starting over");
+                        std::thread::sleep(delay);
+                    }
+                    None => return Err(broke),
+                }
             }
             Err(CopyError::Write(e)) => {
                 return Err(RegistryError::Io { path: store.tmp_dir(), source: e });

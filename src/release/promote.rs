@@ -29,9 +29,6 @@ const DIGEST_TAG_SUFFIXES: [&str; 3] = [".sig", ".att", ".sbom"];
 /// Indexes nest rarely and shallowly; deeper nesting is a malformed or hostile index.
 const MAX_INDEX_DEPTH: usize = 4;
 
-/// How many times a streamed blob copy starts over after a transient failure.
-const STREAM_ATTEMPTS: u32 = 3;
-
 /// What to promote.
 #[derive(Debug, Clone)]
 pub struct PromoteRequest {
@@ -870,19 +867,15 @@ fn copy_blob(
                 stats.bytes_streamed.fetch_add(blob.size, Ordering::Relaxed);
                 return Ok(());
             }
-            Err(e) if attempt < STREAM_ATTEMPTS && transient(&e) => {
-                tracing::info!(digest = %blob.digest, error = %e, "blob copy failed; starting over");
-            }
-            Err(e) => return Err(e),
+            Err(e) => match registry.retry_delay(&e, attempt) {
+                // The registry's retry policy: backoff, Retry-After.
+                Some(delay) => {
+                    tracing::info!(digest = %blob.digest, error = %e, "blob copy failed; starting over");
+                    std::thread::sleep(delay);
+                }
+                None => return Err(e),
+            },
         }
-    }
-}
-
-fn transient(e: &RegistryError) -> bool {
-    match e {
-        RegistryError::Unreachable { .. } | RegistryError::Io { .. } => true,
-        RegistryError::Status { status, .. } => *status >= 500 || *status == 429,
-        _ => false,
     }
 }
 

@@ -553,6 +553,16 @@ impl Ferry {
         serde_json::from_slice(&std::fs::read(self.store.join("index.json")).unwrap()).unwrap()
     }
 
+    /// After a failed pull: no ref, no temp file, and `cache verify` finds every blob whole.
+    pub fn assert_clean_after_failure(&self) {
+        assert!(self.index()["manifests"].as_array().unwrap().is_empty(), "a ref was recorded");
+        let tmp = self.store.join("tmp");
+        if tmp.exists() {
+            assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0, "a temp file was left");
+        }
+        self.ok(&["cache", "verify"]);
+    }
+
     /// Write docker's config.json with Basic credentials for `host`.
     pub fn docker_login_file(&self, host: &str, user: &str, pass: &str) {
         use base64::Engine;
@@ -575,6 +585,37 @@ pub enum Action {
     /// Forward, but after this many body bytes of the response, signal the test and hang
     /// until the proxy is dropped.
     Stall(usize),
+    /// Wait this long, then forward (whether or not the client is still there, as a slow
+    /// network would).
+    Delay(Duration),
+    /// Forward, but close the connection after this many body bytes of the response.
+    CutResponse(usize),
+    /// Read this many bytes of the request body, then close the connection unanswered;
+    /// the registry never sees the request.
+    CutRequest(usize),
+    /// Forward, then hand the registry's whole answer to this function and send what it
+    /// returns (Content-Length is set to the new body's length).
+    Rewrite(Box<dyn FnOnce(Answer) -> Answer + Send>),
+}
+
+/// A registry's answer, for `Action::Rewrite`.
+pub struct Answer {
+    pub status: u16,
+    /// As received, names in their original case (minus Content-Length and
+    /// Transfer-Encoding, which the proxy sets).
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn set_header(&mut self, name: &str, value: &str) {
+        self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        self.headers.push((name.to_string(), value.to_string()));
+    }
 }
 
 /// A request as the proxy saw it.
@@ -721,8 +762,6 @@ fn serve(
             headers.push((k, v.trim().to_string()));
         }
     }
-    let mut body = vec![0u8; content_length];
-    reader.read_exact(&mut body)?;
     let n = count.fetch_add(1, Ordering::SeqCst) + 1;
     let info = RequestInfo {
         method: method.clone(),
@@ -730,7 +769,23 @@ fn serve(
         n,
         headers: headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
     };
-    match rule(&info) {
+    let action = rule(&info);
+    if let Action::CutRequest(keep) = action {
+        let mut part = vec![0u8; keep.min(content_length)];
+        reader.read_exact(&mut part)?;
+        seen.lock().unwrap().push(SeenRequest { method, path, status: 0 });
+        return client.shutdown(std::net::Shutdown::Both);
+    }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    let action = match action {
+        Action::Delay(d) => {
+            std::thread::sleep(d);
+            Action::Forward
+        }
+        other => other,
+    };
+    match action {
         Action::Respond(status, extra) => {
             seen.lock().unwrap().push(SeenRequest { method, path, status });
             let mut resp =
@@ -783,11 +838,54 @@ fn serve(
                 path: path.clone(),
                 status,
             });
-            client.write_all(resp_head.as_bytes())?;
-            if method == "HEAD" {
-                return Ok(());
+            if !matches!(action, Action::Rewrite(_)) {
+                client.write_all(resp_head.as_bytes())?;
+                if method == "HEAD" {
+                    return Ok(());
+                }
             }
             match action {
+                Action::CutResponse(after) => {
+                    let mut part = Vec::new();
+                    (&mut up_reader).take(after as u64).read_to_end(&mut part)?;
+                    client.write_all(&part)?;
+                    client.flush()?;
+                    client.shutdown(std::net::Shutdown::Both)
+                }
+                Action::Rewrite(f) => {
+                    let mut body = Vec::new();
+                    up_reader.read_to_end(&mut body)?;
+                    let mut answer = Answer { status, headers: Vec::new(), body };
+                    let mut chunked = false;
+                    for l in resp_head.lines().skip(1) {
+                        if let Some((k, v)) = l.split_once(':') {
+                            let (k, v) = (k.trim(), v.trim());
+                            if k.eq_ignore_ascii_case("transfer-encoding") {
+                                chunked = v.eq_ignore_ascii_case("chunked");
+                            } else if !k.eq_ignore_ascii_case("content-length")
+                                && !k.eq_ignore_ascii_case("connection")
+                            {
+                                answer.headers.push((k.to_string(), v.to_string()));
+                            }
+                        }
+                    }
+                    if chunked {
+                        answer.body = dechunk(&answer.body);
+                    }
+                    let answer = f(answer);
+                    // The registry's head was held back for this: send the rewritten one.
+                    let mut out = format!(
+                        "HTTP/1.1 {} Rewritten\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        answer.status,
+                        answer.body.len()
+                    );
+                    for (k, v) in &answer.headers {
+                        out.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    out.push_str("\r\n");
+                    client.write_all(out.as_bytes())?;
+                    client.write_all(&answer.body)
+                }
                 Action::Stall(after) => {
                     let mut part = vec![0u8; after];
                     up_reader.read_exact(&mut part)?;
@@ -807,5 +905,155 @@ fn serve(
                 }
             }
         }
+    }
+}
+
+/// The body of a chunked transfer-encoded response.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size_text = String::from_utf8_lossy(&raw[..eol]).to_string();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
+        raw = &raw[eol + 2..];
+        if size == 0 || raw.len() < size {
+            return out;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = raw.get(size + 2..).unwrap_or_default();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading a registry directly (not through a proxy), to judge what ferry left in it
+
+/// One plain-HTTP request to `host` (Connection: close): status, headers (names
+/// lowercased) and body.
+pub fn http_request(
+    host: &str,
+    method: &str,
+    path: &str,
+    accept: Option<&str>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut conn = TcpStream::connect(host).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    if let Some(a) = accept {
+        req.push_str(&format!("Accept: {a}\r\n"));
+    }
+    req.push_str("\r\n");
+    conn.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).unwrap();
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP answer") + 4;
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked { dechunk(&raw[end..]) } else { raw[end..].to_vec() };
+    (status, headers, body)
+}
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Every tag of every repository in the registry at `host` (asked directly, plain HTTP)
+/// names a complete image: the manifest's bytes match its digest, every child manifest and
+/// every blob it refers to is there with the size it says. Returns the tags checked, as
+/// `repository:tag -> digest`.
+pub fn assert_every_tag_complete(host: &str) -> BTreeMap<String, String> {
+    let (status, _, body) = http_request(host, "GET", "/v2/_catalog?n=1000", None);
+    assert_eq!(status, 200, "catalog of {host}");
+    let catalog: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut checked = BTreeMap::new();
+    for repo in catalog["repositories"].as_array().into_iter().flatten() {
+        let repo = repo.as_str().unwrap();
+        let (status, _, body) = http_request(host, "GET", &format!("/v2/{repo}/tags/list"), None);
+        if status == 404 {
+            continue;
+        }
+        assert_eq!(status, 200, "tags of {repo}");
+        let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        for tag in list["tags"].as_array().into_iter().flatten() {
+            let tag = tag.as_str().unwrap();
+            let digest = assert_manifest_complete(host, repo, tag);
+            checked.insert(format!("{repo}:{tag}"), digest);
+        }
+    }
+    checked
+}
+
+/// The manifest `repo:reference` and everything it refers to are in the registry; its digest.
+pub fn assert_manifest_complete(host: &str, repo: &str, reference: &str) -> String {
+    let (status, headers, body) = http_request(
+        host,
+        "GET",
+        &format!("/v2/{repo}/manifests/{reference}"),
+        Some(MANIFEST_TYPES),
+    );
+    assert_eq!(status, 200, "{repo}:{reference} is not readable");
+    let digest = sha256(&body);
+    let header = headers.iter().find(|(k, _)| k == "docker-content-digest").map(|(_, v)| v);
+    assert_eq!(header, Some(&digest), "{repo}:{reference}: bytes and digest disagree");
+    if reference.starts_with("sha256:") {
+        assert_eq!(reference, digest, "{repo}@{reference} holds other bytes");
+    }
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    if let Some(children) = m["manifests"].as_array() {
+        for child in children {
+            assert_manifest_complete(host, repo, child["digest"].as_str().unwrap());
+        }
+        return digest;
+    }
+    let blobs = std::iter::once(&m["config"]).chain(m["layers"].as_array().into_iter().flatten());
+    for blob in blobs {
+        let d = blob["digest"].as_str().unwrap();
+        let (status, headers, _) =
+            http_request(host, "HEAD", &format!("/v2/{repo}/blobs/{d}"), None);
+        assert_eq!(status, 200, "{repo}:{reference} names blob {d}, which is missing");
+        let len = headers.iter().find(|(k, _)| k == "content-length").map(|(_, v)| v.as_str());
+        assert_eq!(
+            len.and_then(|l| l.parse::<u64>().ok()),
+            blob["size"].as_u64(),
+            "{repo}:{reference}: blob {d} has another size"
+        );
+    }
+    digest
+}
+
+/// A registry's rate limit, as a rule can apply it: the first request with a given key is
+/// answered 429 with `Retry-After: 1`; a request with that key before the second is over
+/// is answered 429 again and counted as premature (the client did not honour the header).
+#[derive(Default)]
+pub struct RateLimit {
+    windows: Mutex<BTreeMap<String, (Instant, usize)>>,
+}
+
+impl RateLimit {
+    /// The action for a request with `key` (None: not limited).
+    pub fn check(&self, key: Option<String>) -> Action {
+        let Some(key) = key else { return Action::Forward };
+        let mut w = self.windows.lock().unwrap();
+        let now = Instant::now();
+        match w.get_mut(&key) {
+            None => {
+                w.insert(key, (now + Duration::from_secs(1), 0));
+                Action::Respond(429, vec![("Retry-After".into(), "1".into())])
+            }
+            Some((until, premature)) if now < *until => {
+                *premature += 1;
+                Action::Respond(429, vec![("Retry-After".into(), "1".into())])
+            }
+            Some(_) => Action::Forward,
+        }
+    }
+
+    /// The keys that were limited, with how many requests came too early for each.
+    pub fn report(&self) -> BTreeMap<String, usize> {
+        self.windows.lock().unwrap().iter().map(|(k, (_, p))| (k.clone(), *p)).collect()
     }
 }
