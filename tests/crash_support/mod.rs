@@ -190,12 +190,12 @@ pub fn timed(cmd: &mut Command) -> (std::process::Output, Duration) {
     (out, start.elapsed())
 }
 
-/// `n` kill delays from about 5 ms to past `reference` (an un-killed run of the same
+/// `n` kill delays from about 5 ms to twice `reference` (an un-killed run of the same
 /// operation on this machine), denser at the start (quadratic spacing), where a run does
 /// the most different things in the least time.
 pub fn spread(reference: Duration, n: usize) -> Vec<Duration> {
     let first = 5.0_f64;
-    let last = (reference.as_secs_f64() * 1000.0 * 1.3).max(first * 4.0);
+    let last = (reference.as_secs_f64() * 1000.0 * 2.0).max(first * 4.0);
     (0..n)
         .map(|i| {
             let t = i as f64 / (n - 1) as f64;
@@ -445,6 +445,12 @@ pub fn leftovers(store: &Path) -> Vec<PathBuf> {
         }
     }
     walk(store, &mut out);
+    // Beside the snapshots (not inside them: those are image contents).
+    for e in std::fs::read_dir(store.join("snapshots")).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp") {
+            out.push(e.path());
+        }
+    }
     out
 }
 
