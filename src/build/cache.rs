@@ -29,6 +29,8 @@ pub struct CachedLayer {
 
 pub struct CacheIndex {
     dir: PathBuf,
+    /// Entries are written through the store, so a crash leaves no partial file here.
+    store: Store,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +43,7 @@ pub enum CacheError {
 
 impl CacheIndex {
     pub fn open(store: &Store) -> Result<CacheIndex, CacheError> {
-        Ok(CacheIndex { dir: store.state_dir("cache")? })
+        Ok(CacheIndex { dir: store.state_dir("cache")?, store: store.clone() })
     }
 
     fn path(&self, key: &CacheKey) -> PathBuf {
@@ -64,7 +66,7 @@ impl CacheIndex {
                 .map_err(|source| CacheError::Io { path: parent.to_path_buf(), source })?;
         }
         let bytes = serde_json::to_vec(entry).unwrap_or_default();
-        crate::store::atomic_write(&path, &bytes)?;
+        self.store.atomic_write(&path, &bytes)?;
         Ok(())
     }
 

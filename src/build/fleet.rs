@@ -78,7 +78,8 @@ pub fn build_fleet(
     // concurrent prune from collecting them in between.
     let _gc = store.gc_guard()?;
     let cache = CacheIndex::open(store)?;
-    let stat_cache = StatCache::load(&store.state_dir("context")?.join("stat-cache.json"));
+    let stat_cache = StatCache::load(&store.state_dir("context")?.join("stat-cache.json"))
+        .staging_in(store.tmp_dir());
     let progress = |image: &str, event: ProgressEvent<'_>| match event {
         ProgressEvent::Step { stage, line, text } => {
             on_event(FleetEvent::Step { image, stage, line, text })

@@ -59,6 +59,10 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
         .map(|s| load_secret(s))
         .collect::<Result<BTreeMap<_, _>, _>>()
         .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
+    // From before the bases are pinned until the images are exported: a concurrent prune
+    // must not take a base pulled by digest only, or a built image whose name another
+    // process moved meanwhile, in between.
+    let _gc = store.gc_guard().map_err(|e| CliError::invalid(miette::miette!("{e}")))?;
     let bases = pin_bases(&manifest, &graph, &selected, &store, printer, args.pull)?;
     let options = BuildOptions {
         jobs: global
@@ -89,11 +93,11 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
     progress.finish();
 
     if let Some((kind, path)) = &output {
-        let built: Vec<String> = report
+        let built: Vec<(String, String)> = report
             .images
             .iter()
             .filter(|i| i.status == ImageStatus::Built)
-            .map(|i| i.name.clone())
+            .filter_map(|i| i.digest.clone().map(|d| (i.name.clone(), d)))
             .collect();
         super::fleet::export(&store, &built, kind, path)
             .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;

@@ -43,19 +43,19 @@ pub fn open_store(global: &GlobalArgs) -> Result<ferry::store::Store, CliError> 
     ferry::store::Store::open(&root).map_err(|e| CliError::invalid(miette::miette!("{e}")))
 }
 
-/// `--output oci:DIR|docker:FILE` for the images `names` (store names).
+/// `--output oci:DIR|docker:FILE` for the built images: (store name, manifest digest).
+/// By digest, not by name: another process may have moved the name since the build.
 pub fn export(
     store: &ferry::store::Store,
-    names: &[String],
+    built: &[(String, String)],
     kind: &str,
     path: &std::path::Path,
 ) -> Result<(), String> {
     let mut images = Vec::new();
-    for n in names {
-        let d = store
-            .get_ref(n)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("image `{n}` is not in the store"))?;
+    for (n, digest) in built {
+        let digest: ferry::digest::Digest =
+            digest.parse().map_err(|e| format!("image `{n}`: {e}"))?;
+        let d = store.manifest_descriptor(&digest).map_err(|e| format!("image `{n}`: {e}"))?;
         images.push((n.clone(), d));
     }
     match kind {

@@ -16,7 +16,7 @@ pub struct PruneArgs {
 pub fn run(global: &GlobalArgs, args: PruneArgs, printer: &Printer) -> CliResult {
     let store = open_store(global)?;
     let mode = if args.all { PruneMode::All } else { PruneMode::Dangling };
-    let report = store.prune(mode, &cache_roots(&store)).map_err(store_error)?;
+    let report = store.prune(mode, || cache_roots(&store)).map_err(store_error)?;
     if printer.json {
         printer.json(&serde_json::to_value(&report).unwrap_or_default());
         return Ok(ExitStatus::Success);

@@ -95,6 +95,10 @@ pub(super) fn build_for_env(
 ) -> Result<BuiltForEnv, CliError> {
     let Selection { manifest, graph, selected } = *fleet;
     let store = open_store(global)?;
+    // Taken before the bases are pinned and the images built: the images are then read by
+    // digest, and a name moved by another process would leave one unnamed, so a prune must
+    // not run in between; variant blobs are named by nothing until they are pushed either.
+    let gc_guard = store.gc_guard().map_err(invalid)?;
     let bases = super::build::pin_bases(manifest, graph, selected, &store, printer, false)?;
     let options = BuildOptions {
         jobs: jobs(global),
@@ -116,18 +120,17 @@ pub(super) fn build_for_env(
         build_fleet(manifest, graph, selected, &store, &sandbox, &options, &|e| progress.event(e))
             .map_err(invalid)?;
     progress.finish();
-    // Variant blobs are named by nothing until they are pushed: hold off a concurrent
-    // prune until the command is done with them.
-    let gc_guard = store.gc_guard().map_err(invalid)?;
     let variants = Variants::open(&store).map_err(invalid)?;
     let to = layer_compression(env.compression);
     let mut images = Vec::new();
     for img in &report.images {
         let result = match (img.status, &img.digest) {
-            (ImageStatus::Built, Some(_)) => store
-                .get_ref(&img.name)
-                .map_err(|e| e.to_string())
-                .and_then(|d| d.ok_or_else(|| format!("image `{}` is not in the store", img.name)))
+            // By the digest this build made: the name may point elsewhere by now, if another
+            // project that shares the store and the image's key built meanwhile.
+            (ImageStatus::Built, Some(digest)) => digest
+                .parse::<ferry::digest::Digest>()
+                .map_err(|e| format!("image `{}`: {e}", img.name))
+                .and_then(|d| store.manifest_descriptor(&d).map_err(|e| e.to_string()))
                 .and_then(|desc| store.image(&desc).map_err(|e| e.to_string()))
                 .and_then(|image| {
                     variants

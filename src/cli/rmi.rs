@@ -22,7 +22,7 @@ pub fn run(global: &GlobalArgs, args: RmiArgs, printer: &Printer) -> CliResult {
     let mut reports = Vec::new();
     for r in &args.references {
         let report = store
-            .remove_image(r, args.force, &super::prune::cache_roots(&store))
+            .remove_image(r, args.force, || super::prune::cache_roots(&store))
             .map_err(store_error)?;
         for n in &report.untagged {
             out.push_str(&format!("Untagged: {n}\n"));

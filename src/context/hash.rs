@@ -70,6 +70,8 @@ pub struct CacheStats {
 #[derive(Debug, Default)]
 pub struct StatCache {
     path: Option<PathBuf>,
+    /// Where the file being saved is staged (default: beside `path`).
+    staging_dir: Option<PathBuf>,
     files: Mutex<HashMap<PathBuf, CachedFile>>,
     dirty: AtomicBool,
     files_hashed: AtomicU64,
@@ -123,6 +125,14 @@ impl StatCache {
         }
     }
 
+    /// Stage saved files in `dir` (on the same filesystem as the cache file) rather than
+    /// beside the cache file, e.g. a store's temporary directory, which a crash does not
+    /// leave littered.
+    pub fn staging_in(mut self, dir: PathBuf) -> StatCache {
+        self.staging_dir = Some(dir);
+        self
+    }
+
     /// Write the cache to `path` (temporary file + rename).
     pub fn save_to(&self, path: &Path) -> Result<()> {
         let files: BTreeMap<String, CachedFile> = self
@@ -135,9 +145,19 @@ impl StatCache {
         let write_err = |source| ContextError::CacheWrite { path: path.to_path_buf(), source };
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(write_err)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err)?;
+        let staging = self.staging_dir.as_deref().unwrap_or(dir);
+        let mut tmp = tempfile::NamedTempFile::new_in(staging).map_err(write_err)?;
         tmp.write_all(&bytes).map_err(write_err)?;
-        tmp.persist(path).map_err(|e| write_err(e.error))?;
+        match tmp.persist(path) {
+            Ok(_) => {}
+            // The staging directory is on another filesystem after all: stage beside it.
+            Err(e) if e.error.raw_os_error() == Some(libc::EXDEV) => {
+                let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_err)?;
+                tmp.write_all(&bytes).map_err(write_err)?;
+                tmp.persist(path).map_err(|e| write_err(e.error))?;
+            }
+            Err(e) => return Err(write_err(e.error)),
+        }
         self.dirty.store(false, Ordering::Relaxed);
         Ok(())
     }

@@ -115,8 +115,7 @@ pub fn ensure_snapshot<R: Read>(
     // sync has written it back; a marked snapshot found after a reboot may have lost data in
     // a crash and is extracted again (see `trusted`).
     let marker = marker_path(snapshots_dir, id);
-    crate::store::atomic_write(&marker, boot.as_bytes())
-        .map_err(|e| io_fail("marking the snapshot", std::io::Error::other(e.to_string())))?;
+    write_marker(tmp.path(), &marker, &boot).map_err(|e| io_fail("marking the snapshot", e))?;
     match renameat2(AT_FDCWD, &staging, AT_FDCWD, &target, RenameFlags::RENAME_NOREPLACE) {
         Ok(()) => {
             sync_in_background(snapshots_dir.to_path_buf(), marker, boot);
@@ -145,6 +144,19 @@ fn is_dir(path: &Path) -> io::Result<bool> {
 /// the boot id it was made under.
 fn marker_path(snapshots_dir: &Path, id: &str) -> PathBuf {
     snapshots_dir.join(format!("{id}.unsynced"))
+}
+
+/// Put the marker in place durably, staged in `staging` (the extraction's temporary
+/// directory) so that a process killed meanwhile leaves nothing beside the snapshots.
+fn write_marker(staging: &Path, marker: &Path, boot: &str) -> io::Result<()> {
+    let tmp = staging.join("unsynced");
+    fs::write(&tmp, boot.as_bytes())?;
+    fs::File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, marker)?;
+    if let Some(dir) = marker.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// This boot of the machine (empty where the kernel does not say: then no snapshot is

@@ -104,7 +104,7 @@ impl Variants {
         let bytes = serde_json::to_vec(&Entry { descriptor: descriptor.clone() }).map_err(|e| {
             StoreError::Invalid { what: "a variant entry".into(), reason: e.to_string() }
         })?;
-        crate::store::atomic_write(&self.entry_path(kind, digest, to), &bytes)?;
+        self.store.atomic_write(&self.entry_path(kind, digest, to), &bytes)?;
         Ok(())
     }
 

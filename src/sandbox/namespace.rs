@@ -55,7 +55,7 @@ impl Sandbox for NamespaceSandbox {
     ) -> Result<RunOutcome, SandboxError> {
         let spec = validated(spec)?;
         let xattrs = if self.rootless() { OverlayXattrs::User } else { OverlayXattrs::Trusted };
-        let scratch = Scratch::create(self.run_as)?;
+        let scratch = Scratch::create(self.run_as, spec.work_dir.parent())?;
         let request = InitRequest {
             spec,
             rootfs: scratch.rootfs.clone(),
@@ -306,9 +306,17 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn create(owner: Option<(u32, u32)>) -> Result<Self, SandboxError> {
+    /// In `near` (the work dir's parent: with ferry's store, a directory a crash of ferry
+    /// does not leave behind), else (or if that fails) in the system's temporary directory.
+    fn create(owner: Option<(u32, u32)>, near: Option<&Path>) -> Result<Self, SandboxError> {
         let io = |e| SandboxError::io("cannot create the sandbox's scratch directory", e);
-        let dir = tempfile::Builder::new().prefix("ferry-run-").tempdir().map_err(io)?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("ferry-run-");
+        let dir = match near.filter(|p| !p.as_os_str().is_empty()) {
+            Some(near) => builder.tempdir_in(near).or_else(|_| builder.tempdir()),
+            None => builder.tempdir(),
+        }
+        .map_err(io)?;
         let rootfs = dir.path().join("rootfs");
         let empty_lower = dir.path().join("empty");
         let secrets = dir.path().join("secrets");

@@ -1,16 +1,18 @@
-//! Writing a blob: into a locked temp file under `tmp/`, hashed on the way, then fsynced,
-//! verified and renamed into `blobs/sha256/<hex>`. A reader never sees half a blob, and a
-//! writer that dies leaves only a temp file that the next `Store::open` removes.
+//! Writing a blob: into a temp file in the process's session under `tmp/`, hashed on the
+//! way, then fsynced, verified and renamed into `blobs/sha256/<hex>`. A reader never sees
+//! half a blob, and a writer that dies leaves only a temp file that the next `Store::open`
+//! removes.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 
 use tempfile::NamedTempFile;
 
-use super::lock::LockGuard;
 use super::{io_err, sync_dir, Result, Store, StoreError};
 use crate::digest::{Digest, Hasher};
 
+/// Also the prefix of the temp files earlier versions wrote directly under `tmp/` (each
+/// flock-ed by its writer), which `Store::open` still cleans.
 pub(super) const TMP_PREFIX: &str = "blob-";
 
 /// A blob being written. `commit` makes it visible; dropping it (or `abort`) removes it.
@@ -22,15 +24,13 @@ pub struct BlobWriter {
 
 impl BlobWriter {
     pub(super) fn new(store: &Store) -> Result<BlobWriter> {
+        // In this process's session directory: if the process dies, the next open removes
+        // the whole session, this file with it.
         let dir = store.tmp_dir();
-        // The shared `tmp` lock closes the window between creating the file and locking it,
-        // in which a cleaner could otherwise take the file for a dead writer's.
-        let _creating = LockGuard::acquire(&store.lock_path("tmp"), false)?;
         let tmp = tempfile::Builder::new()
             .prefix(TMP_PREFIX)
             .tempfile_in(&dir)
             .map_err(io_err("create a temp file in", &dir))?;
-        tmp.as_file().lock().map_err(io_err("lock", tmp.path()))?;
         Ok(BlobWriter {
             store: store.clone(),
             out: BufWriter::with_capacity(256 * 1024, tmp),

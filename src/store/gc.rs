@@ -1,6 +1,10 @@
 //! Reachability, prune and image removal. A blob is live when a walk from `index.json`
 //! (named and unnamed entries) or from a caller's extra roots (e.g. the build cache's
 //! layers) reaches it through manifests and indexes.
+//!
+//! The extra roots are asked for only once the `gc` lock is held exclusively: a build that
+//! was running when prune started records its cache entries before it lets go of its
+//! (shared) hold, and roots listed before that would miss them.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs;
@@ -18,7 +22,8 @@ const MANIFEST_MAX: u64 = 16 * 1024 * 1024;
 pub enum PruneMode {
     /// Remove unnamed entries and every blob nothing reaches.
     Dangling,
-    /// Also remove images no tag names (pulled or loaded by digest only).
+    /// Also remove images no tag names (pulled or loaded by digest only). An image with a
+    /// tagged name keeps its other names too (a build's images.toml key, say).
     All,
 }
 
@@ -80,15 +85,27 @@ impl Store {
     }
 
     /// Remove dangling entries (and with `All`, untagged images) and every blob nothing
-    /// reaches, then stale temp files. Waits for running pulls, loads and builds.
-    pub fn prune(&self, mode: PruneMode, extra_roots: &[Digest]) -> Result<PruneReport> {
+    /// reaches, then stale temp files. Waits for running pulls, loads and builds;
+    /// `extra_roots` is called once they are done.
+    pub fn prune(
+        &self,
+        mode: PruneMode,
+        extra_roots: impl FnOnce() -> Vec<Digest>,
+    ) -> Result<PruneReport> {
         let _gc = self.lock("gc")?;
+        let extra_roots = extra_roots();
         let mut report = PruneReport::default();
         self.update_index(|index| {
+            let tagged: HashSet<Digest> = index
+                .manifests
+                .iter()
+                .filter(|m| ref_name(m).is_some_and(|n| display_name(n).1.is_some()))
+                .map(|m| m.digest.clone())
+                .collect();
             index.manifests.retain(|m| {
                 let keep = match ref_name(m) {
                     None => false,
-                    Some(name) => mode == PruneMode::Dangling || display_name(name).1.is_some(),
+                    Some(_) => mode == PruneMode::Dangling || tagged.contains(&m.digest),
                 };
                 if !keep {
                     report.removed_names.push(
@@ -99,7 +116,7 @@ impl Store {
             });
             Ok(())
         })?;
-        let live = self.reachable(extra_roots)?;
+        let live = self.reachable(&extra_roots)?;
         let dir = self.root.join("blobs/sha256");
         for entry in fs::read_dir(&dir).map_err(io_err("read", &dir))? {
             let entry = entry.map_err(io_err("read", &dir))?;
@@ -123,12 +140,12 @@ impl Store {
     /// `rmi`: untag `input`; when its image loses its last name, delete the image's blobs
     /// that nothing else reaches. Refuses to delete an image another named image is built on
     /// (its layers are a prefix of the other's), and to untag an image id that has several
-    /// names, unless `force`.
+    /// names, unless `force`. `extra_roots` is called under the `gc` lock, as for `prune`.
     pub fn remove_image(
         &self,
         input: &str,
         force: bool,
-        extra_roots: &[Digest],
+        extra_roots: impl FnOnce() -> Vec<Digest>,
     ) -> Result<RemoveReport> {
         let _gc = self.lock("gc")?;
         let resolved = self.resolve(input)?;
@@ -181,7 +198,7 @@ impl Store {
         if !last_name_goes {
             return Ok(report);
         }
-        let live = self.reachable(extra_roots)?;
+        let live = self.reachable(&extra_roots())?;
         let mut candidates = vec![digest.clone()];
         if let Some(img) = &image {
             candidates.extend(img.blobs());

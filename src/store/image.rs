@@ -114,6 +114,16 @@ impl Store {
         }
     }
 
+    /// The descriptor of the stored manifest or index `digest`, from its own bytes. Use it
+    /// to hold on to what a build produced: a name can be moved meanwhile by another
+    /// process (two projects sharing the store and an images.toml key), a digest cannot.
+    pub fn manifest_descriptor(&self, digest: &Digest) -> Result<Descriptor> {
+        let bytes = self.read_blob(digest)?;
+        let (media_type, _) = oci::parse_manifest(&bytes, None)
+            .map_err(|reason| StoreError::Invalid { what: format!("manifest {digest}"), reason })?;
+        Ok(Descriptor::new(media_type, digest.clone(), bytes.len() as u64))
+    }
+
     fn read_config(&self, manifest: &ImageManifest) -> Result<ImageConfig> {
         let cd = &manifest.config;
         if !oci::is_image_config(&cd.media_type) {

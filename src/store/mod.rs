@@ -4,7 +4,7 @@
 //! ```text
 //! oci-layout, index.json   the layout; index.json is also the table of local names (refs)
 //! blobs/sha256/<hex>       every blob: written to tmp/, fsynced, verified, renamed
-//! tmp/                     blobs being written (each held under a file lock by its writer)
+//! tmp/session-…/           one per process: whatever it stages (see `tmp.rs`)
 //! locks/                   named lock files (`Store::lock`)
 //! cache/, snapshots/ …     other modules' state, under `Store::state_dir`
 //! ```
@@ -17,6 +17,10 @@
 //! to `index.json` take the `index` lock. Operations that write blobs before naming them
 //! (pull, load, build) hold `gc_guard()` (shared) so that a concurrent prune, which takes it
 //! exclusively, never deletes a blob between its write and its ref.
+//!
+//! Crashes: every file a reader trusts (a blob, `index.json`, a cache entry) appears by an
+//! atomic rename of a complete, fsynced temp file, and temp files live in the writer's
+//! session directory, which the next `Store::open` removes once the writer is gone.
 
 mod archive;
 mod blob;
@@ -24,11 +28,13 @@ mod gc;
 mod image;
 mod lock;
 mod refs;
+mod tmp;
 mod verify;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -91,6 +97,9 @@ pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// This handle's temporary directory (shared by its clones); None when the store is
+    /// read-only to us, which is fine for commands that only read.
+    session: Option<Arc<tmp::Session>>,
 }
 
 const OCI_LAYOUT_FILE: &str = "oci-layout";
@@ -100,10 +109,19 @@ impl Store {
     /// Open the store at `root`, creating the layout if it is not there yet.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root: PathBuf = root.into();
-        let store = Store { root };
-        for dir in [store.root.join("blobs/sha256"), store.tmp_dir(), store.root.join("locks")] {
+        let tmp_root = root.join("tmp");
+        for dir in [root.join("blobs/sha256"), tmp_root.clone(), root.join("locks")] {
             fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
         }
+        let session = match tmp::Session::create(&tmp_root, &lock_path_in(&root, "tmp")) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(StoreError::Io { source, path, .. }) if is_read_only(&source) => {
+                tracing::debug!(path = %path.display(), "store is read-only: {source}");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let store = Store { root, session };
         store.ensure_layout()?;
         store.clean_stale_tmp();
         Ok(store)
@@ -125,10 +143,14 @@ impl Store {
         Ok(dir)
     }
 
-    /// Where temporary files of the store live (same filesystem as the blobs, so a rename
-    /// into place is atomic).
+    /// Where this process stages temporary files and directories: inside the store (same
+    /// filesystem as the blobs, so a rename into place is atomic), removed when the process
+    /// is gone, however it ended.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
+        match &self.session {
+            Some(s) => s.dir().to_path_buf(),
+            None => self.root.join("tmp"),
+        }
     }
 
     fn index_path(&self) -> PathBuf {
@@ -157,7 +179,7 @@ impl Store {
                 let body = serde_json::json!({
                     "imageLayoutVersion": oci::media_type::OCI_LAYOUT_VERSION
                 });
-                atomic_write(&layout, body.to_string().as_bytes())?;
+                self.atomic_write(&layout, body.to_string().as_bytes())?;
             }
             Err(e) => return Err(io_err("read", &layout)(e)),
         }
@@ -293,35 +315,56 @@ impl Store {
     }
 
     fn lock_path(&self, name: &str) -> PathBuf {
-        let safe: String = name
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-            .collect();
-        self.root.join("locks").join(format!("{safe}.lock"))
+        lock_path_in(&self.root, name)
     }
 
-    /// Remove temp files left by writers that died (a live writer holds a lock on its file).
+    /// Remove what processes that died left in `tmp/` (a live one holds a lock on its
+    /// session). Skipped while another process cleans, or creates a session.
     fn clean_stale_tmp(&self) {
         let Ok(_guard) = LockGuard::try_acquire(&self.lock_path("tmp"), true) else {
             return;
         };
-        let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if !name.to_string_lossy().starts_with(blob::TMP_PREFIX) {
-                continue;
-            }
-            let path = entry.path();
-            if let Ok(f) = File::open(&path) {
-                if f.try_lock().is_ok() {
-                    tracing::debug!(path = %path.display(), "removing stale temp blob");
-                    let _ = fs::remove_file(&path);
-                }
-            }
-        }
+        tmp::sweep(&self.root.join("tmp"), blob::TMP_PREFIX);
     }
+
+    /// Replace the file at `path` (inside the store) so that readers see the old or the new
+    /// content, never a mix, and a crash leaves no partial file anywhere but in this
+    /// process's session: the temp file is written there, fsynced, renamed over `path`, and
+    /// the directory fsynced.
+    pub fn atomic_write(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        let tmp_dir = self.tmp_dir();
+        let mut tmp = tempfile::Builder::new()
+            .prefix("file-")
+            .tempfile_in(&tmp_dir)
+            .map_err(io_err("create a temp file in", &tmp_dir))?;
+        tmp.write_all(bytes).map_err(io_err("write", tmp.path()))?;
+        tmp.as_file().sync_all().map_err(io_err("sync", tmp.path()))?;
+        match tmp.persist(path) {
+            Ok(_) => {}
+            // `path` is on another filesystem (a state directory symlinked elsewhere).
+            Err(e) if e.error.raw_os_error() == Some(libc::EXDEV) => {
+                return atomic_write(path, bytes);
+            }
+            Err(e) => return Err(io_err("replace", path)(e.error)),
+        }
+        sync_dir(dir);
+        Ok(())
+    }
+}
+
+fn is_read_only(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS)
+}
+
+/// The file of the named lock `name` in the store at `root`.
+fn lock_path_in(root: &Path, name: &str) -> PathBuf {
+    let safe: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    root.join("locks").join(format!("{safe}.lock"))
 }
 
 /// The default-root rule over any environment (so it can be tested without touching the
@@ -345,7 +388,8 @@ fn root_from_env(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Pat
 }
 
 /// Write a small file so that readers see the old or the new content, never a mix:
-/// temp file in the same directory, fsync, rename, fsync the directory.
+/// temp file in the same directory, fsync, rename, fsync the directory. (Inside a store,
+/// `Store::atomic_write` also keeps a crash from leaving the temp file behind.)
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;

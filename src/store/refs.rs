@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{atomic_write, io_err, Result, Store, StoreError};
+use super::{io_err, Result, Store, StoreError};
 use crate::digest::Digest;
 use crate::oci::{media_type, Descriptor, ImageIndex, ANNOTATION_REF_NAME};
 
@@ -54,7 +54,7 @@ impl Store {
             what: "index.json".to_string(),
             reason: e.to_string(),
         })?;
-        atomic_write(&self.index_path(), &bytes)
+        self.atomic_write(&self.index_path(), &bytes)
     }
 
     /// Change `index.json` under the `index` lock.

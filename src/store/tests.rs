@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 use crate::oci::{media_type, Compression, ImageConfig, ImageManifest, RootFs};
@@ -110,16 +111,52 @@ fn blob_writer_commits_verified_content_only() {
 #[test]
 fn stale_temp_files_are_removed_on_open_but_live_ones_are_kept() {
     let (_d, s) = store();
-    let stale = s.tmp_dir().join(format!("{}dead", blob::TMP_PREFIX));
-    std::fs::write(&stale, b"partial").unwrap();
+    let tmp_root = s.root().join("tmp");
+    // A dead process's session (nobody holds its lock), with a mode-000 directory inside as
+    // an overlay work dir leaves it; and a temp blob of an earlier version, unlocked.
+    let dead = tmp_root.join(format!("{}dead", tmp::SESSION_PREFIX));
+    std::fs::create_dir_all(dead.join("run-1/work/work")).unwrap();
+    std::fs::write(dead.join("blob-partial"), b"partial").unwrap();
+    std::fs::set_permissions(dead.join("run-1/work/work"), std::fs::Permissions::from_mode(0o000))
+        .unwrap();
+    let legacy = tmp_root.join(format!("{}dead", blob::TMP_PREFIX));
+    std::fs::write(&legacy, b"partial").unwrap();
+    // Something this store's own process did not create: left alone.
+    let foreign = tmp_root.join("not-ours");
+    std::fs::write(&foreign, b"x").unwrap();
+
     let mut live = s.blob_writer().unwrap();
     live.write_all(b"in progress").unwrap();
     live.flush().unwrap();
-    Store::open(s.root()).unwrap();
-    assert!(!stale.exists());
+    let other = Store::open(s.root()).unwrap();
+    assert!(!dead.exists(), "a dead session is removed");
+    assert!(!legacy.exists());
+    assert!(foreign.exists());
+    assert!(s.tmp_dir().is_dir(), "a live session is kept");
+    assert_ne!(s.tmp_dir(), other.tmp_dir(), "each open has its own session");
     // The live writer's file survives the cleaning and still commits.
     let (d, _) = live.commit(None).unwrap();
     assert_eq!(s.read_blob(&d).unwrap(), b"in progress");
+
+    // The last handle of a session removes it.
+    let session = other.tmp_dir();
+    let clone = other.clone();
+    drop(other);
+    assert!(session.is_dir());
+    drop(clone);
+    assert!(!session.exists());
+}
+
+#[test]
+fn atomic_write_leaves_nothing_but_the_file() {
+    let (_d, s) = store();
+    let target = s.state_dir("cache").unwrap().join("entry.json");
+    s.atomic_write(&target, b"one").unwrap();
+    s.atomic_write(&target, b"two").unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"two");
+    let beside: Vec<_> = std::fs::read_dir(target.parent().unwrap()).unwrap().flatten().collect();
+    assert_eq!(beside.len(), 1, "{beside:?}");
+    assert_eq!(std::fs::read_dir(s.tmp_dir()).unwrap().count(), 0);
 }
 
 #[test]
@@ -205,7 +242,7 @@ fn prune_removes_only_unreachable_blobs() {
     s.set_ref("kept", &kept).unwrap();
     let kept_blobs = s.image(&kept).unwrap().blobs();
     let gone_blobs = s.image(&gone).unwrap().blobs();
-    let report = s.prune(PruneMode::Dangling, std::slice::from_ref(&root)).unwrap();
+    let report = s.prune(PruneMode::Dangling, || vec![root.clone()]).unwrap();
     for b in &kept_blobs {
         assert!(s.has_blob(b));
     }
@@ -223,11 +260,27 @@ fn prune_all_removes_untagged_names() {
     let a = put_image(&s, &[layer_tar(&[("a", b"1")])], Compression::Gzip);
     let name = format!("127.0.0.1:5000/x@{}", a.digest);
     s.set_ref(&name, &a).unwrap();
-    s.prune(PruneMode::Dangling, &[]).unwrap();
+    s.prune(PruneMode::Dangling, Vec::new).unwrap();
     assert!(s.has_blob(&a.digest));
-    let r = s.prune(PruneMode::All, &[]).unwrap();
+    let r = s.prune(PruneMode::All, Vec::new).unwrap();
     assert_eq!(r.removed_names, [name]);
     assert!(!s.has_blob(&a.digest));
+}
+
+#[test]
+fn prune_all_keeps_every_name_of_a_tagged_image() {
+    let (_d, s) = store();
+    let a = put_image(&s, &[layer_tar(&[("a", b"1")])], Compression::Gzip);
+    // As a build records an image: its images.toml key (no tag) and tagged names.
+    s.set_ref("api", &a).unwrap();
+    s.set_ref("acme/api:2.0.0", &a).unwrap();
+    let b = put_image(&s, &[layer_tar(&[("b", b"2")])], Compression::Gzip);
+    s.set_ref("untagged-only", &b).unwrap();
+    let r = s.prune(PruneMode::All, Vec::new).unwrap();
+    assert_eq!(r.removed_names, ["untagged-only"]);
+    assert_eq!(s.get_ref("api").unwrap().map(|d| d.digest), Some(a.digest.clone()));
+    assert!(s.has_blob(&a.digest));
+    assert!(!s.has_blob(&b.digest));
 }
 
 #[test]
@@ -240,23 +293,23 @@ fn rmi_untags_then_deletes_and_refuses_to_delete_a_base() {
     s.set_ref("base:latest", &base).unwrap();
     s.set_ref("child:1", &child).unwrap();
 
-    let r = s.remove_image("base:latest", false, &[]).unwrap();
+    let r = s.remove_image("base:latest", false, Vec::new).unwrap();
     assert_eq!(r.untagged, ["base:latest"]);
     assert!(r.deleted.is_empty());
 
-    let e = s.remove_image("base:1", false, &[]).unwrap_err();
+    let e = s.remove_image("base:1", false, Vec::new).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, StoreError::HasDependents { .. }), "{msg}");
     assert!(msg.contains("child:1") && msg.contains("--force"), "{msg}");
     assert!(s.get_ref("base:1").unwrap().is_some(), "refused rmi must not untag");
 
-    let r = s.remove_image("child:1", false, &[]).unwrap();
+    let r = s.remove_image("child:1", false, Vec::new).unwrap();
     assert!(r.deleted.contains(&child.digest));
     // The shared base layer is still reached by base:1.
     let base_img = s.image(&base).unwrap();
     assert!(s.has_blob(&base_img.manifest.layers[0].digest));
 
-    let r = s.remove_image("base:1", false, &[]).unwrap();
+    let r = s.remove_image("base:1", false, Vec::new).unwrap();
     assert!(r.deleted.contains(&base.digest));
     assert!(!s.has_blob(&base_img.manifest.layers[0].digest));
 }
@@ -269,7 +322,7 @@ fn rmi_force_deletes_a_base() {
     let child = put_image(&s, &[l, layer_tar(&[("c", b"c")])], Compression::Gzip);
     s.set_ref("base", &base).unwrap();
     s.set_ref("child", &child).unwrap();
-    let r = s.remove_image("base", true, &[]).unwrap();
+    let r = s.remove_image("base", true, Vec::new).unwrap();
     assert!(r.deleted.contains(&base.digest));
     assert!(s.image(&child).is_ok(), "child keeps its layers");
     assert!(s.verify().unwrap().is_ok());
