@@ -1,6 +1,7 @@
 //! `ferry build` with RUN steps in the real sandbox on a busybox base: whiteouts, opaque
 //! directories, failures, mounts, secrets, and the Dockerfile features around RUN.
 
+mod common;
 mod fixture;
 
 use fixture::{
@@ -311,4 +312,35 @@ fn network_bind_tmpfs_healthcheck_maintainer_escape() {
     );
     assert_eq!(cfg["config"]["Healthcheck"]["Interval"], 5_000_000_000u64);
     assert_eq!(cfg["config"]["Healthcheck"]["Retries"], 2);
+}
+
+#[test]
+fn push_builds_with_the_secrets_build_takes() {
+    let registry = common::TestRegistry::start(common::RegistryOptions::default());
+    let manifest = format!(
+        "{MANIFEST}\n[environments.dev]\nregistry = \"{}/dev\"\ntags = [\"dev\"]\n",
+        registry.host
+    );
+    let dir = project(&[
+        ("images.toml", &manifest),
+        ("bb/Dockerfile", BUSYBOX_BASE),
+        (
+            "child/Dockerfile",
+            "FROM bb\nRUN --mount=type=secret,id=tok cp /run/secrets/tok /copied\n",
+        ),
+    ]);
+    let secret = dir.path().join("tok.txt");
+    std::fs::write(&secret, "not-really-secret").unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path())
+        .arg("--store")
+        .arg(store.path())
+        .args(["push", "--env", "dev", "--secret"])
+        .arg(format!("id=tok,src={}", secret.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("copied")).unwrap(), "not-really-secret");
 }

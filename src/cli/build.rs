@@ -6,10 +6,15 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use clap::Args;
-use ferry::build::{build_fleet, BuildOptions, FleetEvent, ImageStatus};
-use ferry::manifest::{Compression, EpochSetting, Manifest};
+use ferry::build::bases::PinnedBase;
+use ferry::build::{build_fleet, BuildOptions, BuildReport, FleetEvent, ImageStatus};
+use ferry::manifest::{EpochSetting, Manifest};
+use ferry::release::layer_compression;
+use ferry::store::Store;
 
-use super::fleet::{graph_error, load_graph, load_manifest, open_store, parse_build_arg};
+use super::fleet::{
+    graph_error, load_graph, load_manifest, open_store, parse_build_arg, Selection,
+};
 use super::{CliError, CliResult, ExitStatus, GlobalArgs, Printer};
 
 #[derive(Args, Debug)]
@@ -25,12 +30,8 @@ pub struct BuildArgs {
     /// A failed image fails only its descendants; the others finish.
     #[arg(long)]
     pub keep_going: bool,
-    /// A build arg for every image, overriding images.toml (repeatable).
-    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_build_arg)]
-    pub args: Vec<(String, String)>,
-    /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or `id=ID,env=VAR`.
-    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
-    pub secrets: Vec<String>,
+    #[command(flatten)]
+    pub inputs: BuildInputs,
     /// Pull every external base again, even when the store has it.
     #[arg(long)]
     pub pull: bool,
@@ -40,10 +41,78 @@ pub struct BuildArgs {
     pub output: Option<String>,
 }
 
+/// What every command that builds takes besides the images to build.
+#[derive(Args, Debug, Default)]
+pub struct BuildInputs {
+    /// A build arg for every image, overriding images.toml (repeatable).
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_build_arg)]
+    pub args: Vec<(String, String)>,
+    /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or `id=ID,env=VAR`.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
+    pub secrets: Vec<String>,
+}
+
+impl BuildInputs {
+    pub fn build_args(&self) -> BTreeMap<String, String> {
+        self.args.iter().cloned().collect()
+    }
+}
+
+/// How a command builds, beyond its inputs.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct BuildMode {
+    pub no_cache: bool,
+    pub keep_going: bool,
+    /// Pull external bases again even when the store has them.
+    pub pull: bool,
+}
+
+/// Build the selected images as every command does: bases pinned, options from images.toml
+/// and the flags, progress on the printer. The caller holds the store's gc guard from
+/// before this call until it is done with the images (they are read by digest after).
+pub(super) fn build_selected(
+    global: &GlobalArgs,
+    printer: &Printer,
+    fleet: &Selection<'_>,
+    store: &Store,
+    inputs: &BuildInputs,
+    mode: BuildMode,
+) -> Result<(BuildReport, BTreeMap<String, PinnedBase>), CliError> {
+    let Selection { manifest, graph, selected } = *fleet;
+    let invalid = |m: String| CliError::invalid(miette::miette!("{m}"));
+    let secrets = inputs
+        .secrets
+        .iter()
+        .map(|s| load_secret(s))
+        .collect::<Result<BTreeMap<_, _>, _>>()
+        .map_err(invalid)?;
+    let bases = pin_bases(manifest, graph, selected, store, printer, mode.pull)?;
+    let options = BuildOptions {
+        jobs: global.jobs(),
+        no_cache: mode.no_cache,
+        keep_going: mode.keep_going,
+        source_date_epoch: source_date_epoch(manifest).map_err(invalid)?,
+        compression: layer_compression(manifest.project.compression),
+        platform: ferry::oci::Platform::host().to_string(),
+        build_args: inputs.build_args(),
+        secrets,
+        bases: bases.iter().map(|(r, b)| (r.clone(), b.descriptor.clone())).collect(),
+    };
+    let sandbox = ferry::sandbox::NamespaceSandbox::new(
+        std::env::current_exe()
+            .map_err(|e| invalid(format!("cannot find the ferry binary: {e}")))?,
+    );
+    let progress = Progress::new(printer, global);
+    let report =
+        build_fleet(manifest, graph, selected, store, &sandbox, &options, &|e| progress.event(e))
+            .map_err(|e| invalid(e.to_string()))?;
+    progress.finish();
+    Ok((report, bases))
+}
+
 pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult {
     let manifest = load_manifest(global)?;
-    let build_args: BTreeMap<String, String> = args.args.iter().cloned().collect();
-    let graph = load_graph(&manifest, &build_args)?;
+    let graph = load_graph(&manifest, &args.inputs.build_args())?;
     let selected =
         graph.select(&args.images, args.with_dependents).map_err(|e| graph_error(&manifest, e))?;
     let output = args
@@ -53,44 +122,13 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
         .transpose()
         .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
     let store = open_store(global)?;
-    let secrets = args
-        .secrets
-        .iter()
-        .map(|s| load_secret(s))
-        .collect::<Result<BTreeMap<_, _>, _>>()
-        .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
     // From before the bases are pinned until the images are exported: a concurrent prune
     // must not take a base pulled by digest only, or a built image whose name another
     // process moved meanwhile, in between.
     let _gc = store.gc_guard().map_err(|e| CliError::invalid(miette::miette!("{e}")))?;
-    let bases = pin_bases(&manifest, &graph, &selected, &store, printer, args.pull)?;
-    let options = BuildOptions {
-        jobs: global
-            .jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-        no_cache: args.no_cache,
-        keep_going: args.keep_going,
-        source_date_epoch: source_date_epoch(&manifest)
-            .map_err(|m| CliError::invalid(miette::miette!("{m}")))?,
-        compression: match manifest.project.compression {
-            Compression::Zstd => ferry::layer::LayerCompression::Zstd,
-            Compression::Gzip => ferry::layer::LayerCompression::Gzip,
-        },
-        platform: ferry::oci::Platform::host().to_string(),
-        build_args,
-        secrets,
-        bases: bases.iter().map(|(r, b)| (r.clone(), b.descriptor.clone())).collect(),
-    };
-    let sandbox =
-        ferry::sandbox::NamespaceSandbox::new(std::env::current_exe().map_err(|e| {
-            CliError::invalid(miette::miette!("cannot find the ferry binary: {e}"))
-        })?);
-    let progress = Progress::new(printer, global);
-    let report = build_fleet(&manifest, &graph, &selected, &store, &sandbox, &options, &|e| {
-        progress.event(e)
-    })
-    .map_err(|e| CliError::invalid(miette::miette!("{e}")))?;
-    progress.finish();
+    let fleet = Selection { manifest: &manifest, graph: &graph, selected: &selected };
+    let mode = BuildMode { no_cache: args.no_cache, keep_going: args.keep_going, pull: args.pull };
+    let (report, bases) = build_selected(global, printer, &fleet, &store, &args.inputs, mode)?;
 
     if let Some((kind, path)) = &output {
         let built: Vec<(String, String)> = report
@@ -166,7 +204,7 @@ pub(super) fn pin_bases(
     store: &ferry::store::Store,
     printer: &Printer,
     always_pull: bool,
-) -> Result<BTreeMap<String, ferry::build::bases::PinnedBase>, CliError> {
+) -> Result<BTreeMap<String, PinnedBase>, CliError> {
     let external: std::collections::BTreeSet<String> = graph
         .build_order()
         .into_iter()

@@ -1,16 +1,15 @@
 //! `ferry check [--env E] [--since REF]`: the semantic-version policy, for CI. Lists every
 //! violation; exit 1 if there is any.
 
-use std::collections::BTreeMap;
-
 use clap::Args;
 use ferry::manifest::Environment;
 use ferry::registry::{Registry, RegistryClient};
 use ferry::release::policy::{self, Rule, Violation};
 use serde::Serialize;
 
-use super::fleet::{graph_error, load_graph, load_manifest, parse_build_arg};
-use super::push::{build_for_env, env_repository, environment, Selection};
+use super::build::BuildInputs;
+use super::fleet::{graph_error, load_graph, load_manifest, Selection};
+use super::push::{build_for_env, env_repository, environment};
 use super::{CliError, CliResult, ExitStatus, GlobalArgs, Printer};
 
 #[derive(Args, Debug)]
@@ -23,9 +22,8 @@ pub struct CheckArgs {
     /// lower than there.
     #[arg(long, value_name = "GIT_REF")]
     pub since: Option<String>,
-    /// A build arg for every image, overriding images.toml (repeatable).
-    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_build_arg)]
-    pub args: Vec<(String, String)>,
+    #[command(flatten)]
+    pub inputs: BuildInputs,
 }
 
 #[derive(Serialize)]
@@ -70,8 +68,7 @@ pub fn run(global: &GlobalArgs, args: CheckArgs, printer: &Printer) -> CliResult
         Some(e) => vec![environment(&manifest, e)?],
         None => Vec::new(),
     };
-    let build_args: BTreeMap<String, String> = args.args.iter().cloned().collect();
-    let graph = load_graph(&manifest, &build_args)?;
+    let graph = load_graph(&manifest, &args.inputs.build_args())?;
     let selected = graph.select(&[], false).map_err(|e| graph_error(&manifest, e))?;
     report.violations.extend(policy::environment_violations(&manifest, &selected, &envs));
 
@@ -84,7 +81,7 @@ pub fn run(global: &GlobalArgs, args: CheckArgs, printer: &Printer) -> CliResult
 
     if let Some(env) = args.env.as_deref().map(|e| environment(&manifest, e)).transpose()? {
         let fleet = Selection { manifest: &manifest, graph: &graph, selected: &selected };
-        let built = build_for_env(global, printer, &fleet, env, true, build_args)?;
+        let built = build_for_env(global, printer, &fleet, env, true, &args.inputs)?;
         let client = RegistryClient::new(ferry::registry::RegistryConfig::for_manifest(&manifest));
         for (name, result) in &built.images {
             let Some(version) = manifest.images.get(name).and_then(|i| i.version.as_ref()) else {

@@ -79,3 +79,10 @@ pub fn open_store_if_exists(global: &GlobalArgs) -> Result<ferry::store::Store, 
     }
     ferry::store::Store::open(&root).map_err(|e| CliError::invalid(miette::miette!("{e}")))
 }
+
+/// The images a command works on.
+pub struct Selection<'a> {
+    pub manifest: &'a Manifest,
+    pub graph: &'a Graph,
+    pub selected: &'a std::collections::BTreeSet<String>,
+}

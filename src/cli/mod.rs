@@ -109,6 +109,15 @@ pub struct GlobalArgs {
     pub verbose: u8,
 }
 
+impl GlobalArgs {
+    /// `--jobs`, default the number of cores.
+    pub fn jobs(&self) -> usize {
+        self.jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Show what would be built, in which order, with which tags.

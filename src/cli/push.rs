@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 
 use clap::Args;
-use ferry::build::{build_fleet, BuildOptions, ImageStatus};
-use ferry::graph::Graph;
+use ferry::build::ImageStatus;
 use ferry::manifest::{Environment, Manifest};
 use ferry::plan::{Plan, SourceInfo};
 use ferry::reference::{Reference, Repository};
@@ -18,8 +17,9 @@ use ferry::release::push::{
 use ferry::release::variants::{PushableManifest, Variants};
 use ferry::store::Store;
 
-use super::build::{human_size, source_date_epoch, Progress};
-use super::fleet::{graph_error, load_graph, load_manifest, open_store, parse_build_arg};
+use super::build::human_size;
+use super::build::{build_selected, BuildInputs, BuildMode};
+use super::fleet::{graph_error, load_graph, load_manifest, open_store, Selection};
 use super::{CliError, CliResult, ExitStatus, GlobalArgs, Printer};
 
 #[derive(Args, Debug)]
@@ -35,9 +35,8 @@ pub struct PushArgs {
     /// Publish the images whose whole ancestry succeeded, even if others failed.
     #[arg(long)]
     pub keep_going: bool,
-    /// A build arg for every image, overriding images.toml (repeatable).
-    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_build_arg)]
-    pub args: Vec<(String, String)>,
+    #[command(flatten)]
+    pub inputs: BuildInputs,
 }
 
 fn failure(message: String) -> CliError {
@@ -78,48 +77,21 @@ pub(super) struct BuiltForEnv {
     _gc_guard: ferry::store::LockGuard,
 }
 
-/// The images a command works on.
-pub(super) struct Selection<'a> {
-    pub manifest: &'a Manifest,
-    pub graph: &'a Graph,
-    pub selected: &'a std::collections::BTreeSet<String>,
-}
-
 pub(super) fn build_for_env(
     global: &GlobalArgs,
     printer: &Printer,
     fleet: &Selection<'_>,
     env: &Environment,
     keep_going: bool,
-    build_args: BTreeMap<String, String>,
+    inputs: &BuildInputs,
 ) -> Result<BuiltForEnv, CliError> {
-    let Selection { manifest, graph, selected } = *fleet;
     let store = open_store(global)?;
     // Taken before the bases are pinned and the images built: the images are then read by
     // digest, and a name moved by another process would leave one unnamed, so a prune must
     // not run in between; variant blobs are named by nothing until they are pushed either.
     let gc_guard = store.gc_guard().map_err(invalid)?;
-    let bases = super::build::pin_bases(manifest, graph, selected, &store, printer, false)?;
-    let options = BuildOptions {
-        jobs: jobs(global),
-        no_cache: false,
-        keep_going,
-        source_date_epoch: source_date_epoch(manifest).map_err(invalid)?,
-        compression: layer_compression(manifest.project.compression),
-        platform: ferry::oci::Platform::host().to_string(),
-        build_args,
-        secrets: BTreeMap::new(),
-        bases: bases.into_iter().map(|(r, b)| (r, b.descriptor)).collect(),
-    };
-    let sandbox = ferry::sandbox::NamespaceSandbox::new(
-        std::env::current_exe()
-            .map_err(|e| invalid(format!("cannot find the ferry binary: {e}")))?,
-    );
-    let progress = Progress::new(printer, global);
-    let report =
-        build_fleet(manifest, graph, selected, &store, &sandbox, &options, &|e| progress.event(e))
-            .map_err(invalid)?;
-    progress.finish();
+    let mode = BuildMode { keep_going, ..BuildMode::default() };
+    let (report, _) = build_selected(global, printer, fleet, &store, inputs, mode)?;
     let variants = Variants::open(&store).map_err(invalid)?;
     let to = layer_compression(env.compression);
     let mut images = Vec::new();
@@ -149,13 +121,6 @@ pub(super) fn build_for_env(
     Ok(BuiltForEnv { store, images, _gc_guard: gc_guard })
 }
 
-fn jobs(global: &GlobalArgs) -> usize {
-    global
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-        .max(1)
-}
-
 pub fn run(global: &GlobalArgs, args: PushArgs, printer: &Printer) -> CliResult {
     let manifest = load_manifest(global)?;
     let env = environment(&manifest, &args.env)?;
@@ -165,8 +130,7 @@ pub fn run(global: &GlobalArgs, args: PushArgs, printer: &Printer) -> CliResult 
             env.name, env.name
         )));
     }
-    let build_args: BTreeMap<String, String> = args.args.iter().cloned().collect();
-    let graph = load_graph(&manifest, &build_args)?;
+    let graph = load_graph(&manifest, &args.inputs.build_args())?;
     let selected = graph.select(&args.images, false).map_err(|e| graph_error(&manifest, e))?;
     let info = SourceInfo::discover(&manifest.root);
     let plan = Plan::new(&manifest, &graph, &selected, Some(&env.name), &info, &BTreeMap::new())
@@ -190,7 +154,7 @@ pub fn run(global: &GlobalArgs, args: PushArgs, printer: &Printer) -> CliResult 
     }
 
     let fleet = Selection { manifest: &manifest, graph: &graph, selected: &selected };
-    let built = build_for_env(global, printer, &fleet, env, args.keep_going, build_args)?;
+    let built = build_for_env(global, printer, &fleet, env, args.keep_going, &args.inputs)?;
     let mut by_name: BTreeMap<String, Result<PushableManifest, String>> =
         built.images.into_iter().collect();
     let mut images = Vec::new();
@@ -212,7 +176,7 @@ pub fn run(global: &GlobalArgs, args: PushArgs, printer: &Printer) -> CliResult 
 
     let client = RegistryClient::new(ferry::registry::RegistryConfig::for_manifest(&manifest));
     let push_plan =
-        push::plan(&client, &env.name, env.immutable, images, jobs(global)).map_err(invalid)?;
+        push::plan(&client, &env.name, env.immutable, images, global.jobs()).map_err(invalid)?;
     if args.dry_run {
         if printer.json {
             printer.json(&serde_json::json!({ "dry_run": true, "plan": push_plan }));
@@ -253,7 +217,7 @@ pub fn run(global: &GlobalArgs, args: PushArgs, printer: &Printer) -> CliResult 
             PushEvent::Failed { image, error } => eprintln!("[{image}] failed: {error}"),
         }
     };
-    let options = PushOptions { jobs: jobs(global), keep_going: args.keep_going };
+    let options = PushOptions { jobs: global.jobs(), keep_going: args.keep_going };
     let report =
         push::execute(&push_plan, &built.store, &client, &options, &on_event).map_err(invalid)?;
     if printer.json {
