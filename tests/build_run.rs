@@ -344,3 +344,38 @@ fn push_builds_with_the_secrets_build_takes() {
     let rootfs = umoci_unpack(store.path(), "child", work.path());
     assert_eq!(std::fs::read_to_string(rootfs.join("copied")).unwrap(), "not-really-secret");
 }
+
+#[test]
+fn prune_removes_the_snapshots_of_layers_the_store_no_longer_has() {
+    let dir = two_level("", "FROM bb\nRUN echo ran > /ran\n");
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &[]);
+    let snapshots = store.path().join("snapshots");
+    let in_use: Vec<String> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| !n.contains('.'))
+        .collect();
+    assert!(!in_use.is_empty(), "the RUN used the base's layers as snapshots");
+    // The snapshot of a layer that is gone (an image removed, its blobs pruned).
+    let gone = snapshots.join("0123456789ab");
+    std::fs::create_dir_all(gone.join("etc")).unwrap();
+    std::fs::write(gone.join("etc/f"), "x").unwrap();
+    std::fs::write(snapshots.join("0123456789ab.lock"), "").unwrap();
+    std::fs::write(snapshots.join("0123456789ab.unsynced"), "boot").unwrap();
+
+    let out = ferry(dir.path()).arg("--store").arg(store.path()).args(["prune"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Deleted snapshot: 0123456789ab"));
+    let left: Vec<String> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(left.iter().all(|n| !n.starts_with("0123456789ab")), "{left:?}");
+    for id in &in_use {
+        assert!(snapshots.join(id).is_dir(), "snapshot {id} of a live layer was removed");
+    }
+    // And the next build still runs nothing.
+    let report = build_json(dir.path(), store.path(), &[]);
+    assert_eq!(report["steps_built"], 0, "{report}");
+}

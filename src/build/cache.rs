@@ -90,12 +90,21 @@ impl CacheIndex {
 
     /// Every recorded blob, so that prune keeps what the cache still points at.
     pub fn blobs(&self) -> Vec<Digest> {
+        self.entries().into_iter().map(|e| e.blob.digest).collect()
+    }
+
+    /// Every recorded layer's diffID, so that prune keeps their snapshots.
+    pub fn diff_ids(&self) -> Vec<Digest> {
+        self.entries().into_iter().map(|e| e.diff_id).collect()
+    }
+
+    fn entries(&self) -> Vec<CachedLayer> {
         let mut out = Vec::new();
         for dir in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             for file in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
                 if let Ok(bytes) = std::fs::read(file.path()) {
                     if let Ok(entry) = serde_json::from_slice::<CachedLayer>(&bytes) {
-                        out.push(entry.blob.digest);
+                        out.push(entry);
                     }
                 }
             }

@@ -33,7 +33,7 @@ pub use extract::{extract_layer, ExtractMode, ExtractStats};
 pub use pack_dir::{directory_entries, pack_directory, IdMapping, OverlayXattrs, UpperDirOptions};
 pub use reader::looks_like_tar;
 pub use sink::{pack_entries, recompress, LayerOptions, LayerSink, PackedLayer};
-pub use snapshot::{ensure_snapshot, snapshot_id};
+pub use snapshot::{ensure_snapshot, prune_snapshots, snapshot_id};
 pub use writer::write_tar;
 
 use crate::digest::Digest;

@@ -188,3 +188,43 @@ fn sync_in_background(snapshots_dir: PathBuf, marker: PathBuf, boot: String) {
         }
     });
 }
+
+/// The name prefix of a snapshot being deleted.
+const DOOMED: &str = ".doomed-";
+
+/// Remove the snapshots `keep` does not want, with their lock and marker files; returns
+/// their ids. The caller holds the store's gc lock, so no build is using one.
+pub fn prune_snapshots(
+    snapshots_dir: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(snapshots_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with(DOOMED) {
+            // Left by a prune that was killed.
+            fs::remove_dir_all(entry.path())?;
+            continue;
+        }
+        let id = name.split('.').next().unwrap_or_default().to_string();
+        if keep(&id) {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            // Out of sight first, so that a kill mid-way leaves no half snapshot in place.
+            let doomed = snapshots_dir.join(format!("{DOOMED}{id}"));
+            fs::rename(entry.path(), &doomed)?;
+            fs::remove_dir_all(&doomed)?;
+            removed.push(id);
+        } else {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(removed)
+}
