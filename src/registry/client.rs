@@ -96,6 +96,10 @@ pub struct RegistryClient {
     explicit: Mutex<HashMap<String, Credential>>,
     clients: Mutex<HashMap<(String, bool), Client>>,
     bases: Mutex<HashMap<String, Url>>,
+    /// Held while a client is built or a host probed, so that threads starting together
+    /// build one client and send one probe instead of one each.
+    building: Mutex<()>,
+    probing: Mutex<()>,
     auth: Mutex<HashMap<String, HostAuth>>,
     tokens: Mutex<HashMap<String, (Secret, Instant)>>,
     retry: RetryPolicy,
@@ -112,6 +116,8 @@ impl RegistryClient {
             explicit: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             bases: Mutex::new(HashMap::new()),
+            building: Mutex::new(()),
+            probing: Mutex::new(()),
             auth: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             retry: RetryPolicy::default(),
@@ -189,6 +195,10 @@ impl RegistryClient {
         if let Some(c) = lock(&self.clients).get(&key) {
             return Ok(c.clone());
         }
+        let _building = lock(&self.building);
+        if let Some(c) = lock(&self.clients).get(&key) {
+            return Ok(c.clone());
+        }
         let cfg_err = |reason: String| RegistryError::Config { registry: host.to_string(), reason };
         let mut b = Client::builder()
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
@@ -221,6 +231,10 @@ impl RegistryClient {
         if let Some(b) = &ep.base {
             return Ok(b.clone());
         }
+        if let Some(b) = lock(&self.bases).get(&ep.api_host) {
+            return Ok(b.clone());
+        }
+        let _probing = lock(&self.probing);
         if let Some(b) = lock(&self.bases).get(&ep.api_host) {
             return Ok(b.clone());
         }
