@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use serde::Serialize;
@@ -335,26 +335,29 @@ impl PromotionPlan {
             .collect();
         let with_referrers: Vec<&(&ImagePlan, &CopyWork)> =
             work.iter().filter(|(_, w)| !w.referrers.is_empty()).collect();
-        let (tag_results, referrer_results) = both(
-            || {
-                par_map(&moves, |(img, w, t)| {
-                    let m = match w.digest_tags.iter().find(|(tag, _)| *tag == t.tag) {
-                        Some((_, m)) => m,
-                        None => &w.top,
-                    };
-                    registry
-                        .put_manifest(&w.dst, &t.tag, &m.media_type, &m.bytes)
-                        .map(|_| (img.image.clone(), t.tag.clone()))
-                        .map_err(|e| format!("image `{}`: {e}", img.image))
-                })
-            },
-            || {
-                par_map(&with_referrers, |(img, w)| {
-                    update_referrers_index(&registry, w)
-                        .map_err(|e| format!("image `{}`: {e}", img.image))
-                })
-            },
-        );
+        let put_tags = || {
+            par_map(&moves, |(img, w, t)| {
+                let m = match w.digest_tags.iter().find(|(tag, _)| *tag == t.tag) {
+                    Some((_, m)) => m,
+                    None => &w.top,
+                };
+                registry
+                    .put_manifest(&w.dst, &t.tag, &m.media_type, &m.bytes)
+                    .map(|_| (img.image.clone(), t.tag.clone()))
+                    .map_err(|e| format!("image `{}`: {e}", img.image))
+            })
+        };
+        let update_indexes = || {
+            par_map(&with_referrers, |(img, w)| {
+                update_referrers_index(&registry, w)
+                    .map_err(|e| format!("image `{}`: {e}", img.image))
+            })
+        };
+        let (tag_results, referrer_results) = if with_referrers.is_empty() {
+            (put_tags(), Vec::new())
+        } else {
+            both(put_tags, update_indexes)
+        };
         let mut moved: BTreeSet<(String, String)> = BTreeSet::new();
         let mut failures = Vec::new();
         for r in tag_results {
@@ -692,18 +695,26 @@ fn plan_image(
     let (content, top_present, listed, referrers_index, digest_tags) = std::thread::scope(|s| {
         let present =
             (!tagged).then(|| s.spawn(|| registry.head_manifest(&t.dst, &top.digest.to_string())));
+        // The API alone: without it the source's tag list says whether the fallback index
+        // exists, and it is read here anyway.
         let listed =
-            with_referrers.then(|| s.spawn(|| registry.referrers(&t.src, &top.digest, None)));
+            with_referrers.then(|| s.spawn(|| registry.referrers_api(&t.src, &top.digest)));
         let index = src_tags
             .contains(&fallback)
             .then(|| s.spawn(|| registry.get_manifest(&t.src, &fallback)));
-        let digest_tags = s.spawn(|| {
-            par_map(&digest_tag_names, |tag| {
-                both(|| registry.get_manifest(&t.src, tag), || registry.head_manifest(&t.dst, tag))
+        let digest_tags = (!digest_tag_names.is_empty()).then(|| {
+            s.spawn(|| {
+                par_map(&digest_tag_names, |tag| {
+                    both(
+                        || registry.get_manifest(&t.src, tag),
+                        || registry.head_manifest(&t.dst, tag),
+                    )
+                })
             })
         });
         let content = collect(registry, &t.src, &top, 0);
-        (content, present.map(join), listed.map(join), index.map(join), join(digest_tags))
+        let digest_tags = digest_tags.map(join).unwrap_or_default();
+        (content, present.map(join), listed.map(join), index.map(join), digest_tags)
     });
     let content = match content {
         Ok(c) => c,
@@ -723,8 +734,17 @@ fn plan_image(
         None => true,
     };
     plan.status = if top_present { ImageStatus::AlreadyThere } else { ImageStatus::Copy };
-    let listed = listed.transpose().map_err(reg_err)?.map(|l| l.manifests).unwrap_or_default();
     let referrers_index = referrers_index.transpose().map_err(reg_err)?;
+    let listed = match listed.transpose().map_err(reg_err)? {
+        Some(Some(api)) => api.manifests,
+        // No referrers API: the fallback index lists them (as the registry client reads it).
+        Some(None) => referrers_index
+            .as_ref()
+            .and_then(|m| serde_json::from_slice::<ImageIndex>(&m.bytes).ok())
+            .map(|index| index.manifests)
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
     let mut digest_tags_now = Vec::new();
     for (tag, (m, now)) in digest_tag_names.into_iter().zip(digest_tags) {
         let m = m.map_err(reg_err)?;
@@ -738,35 +758,38 @@ fn plan_image(
 
     // Round 3: what of it the destination lacks (for a referrer, its manifest is fetched
     // while the destination is asked whether it has it).
-    let (image_missing, referrers_missing, digest_tags_missing) = std::thread::scope(|s| {
-        let image = (!top_present)
-            .then(|| s.spawn(|| missing(registry, &t.dst, content, &top.digest, mount)));
-        let referrers = s.spawn(|| {
-            par_map(&listed, |r| {
-                let reference = r.digest.to_string();
-                let (m, present) = both(
-                    || registry.get_manifest(&t.src, &reference),
-                    || registry.head_manifest(&t.dst, &reference),
-                );
-                if present?.is_some() {
-                    return Ok(None);
-                }
-                missing_of(registry, t, &m?, mount).map(Some)
-            })
+    let created: Vec<&FetchedManifest> = digest_tags_now
+        .iter()
+        .filter(|(_, _, action)| *action == TagAction::Create)
+        .map(|(_, m, _)| m)
+        .collect();
+    let image = || (!top_present).then(|| missing(registry, &t.dst, content, &top.digest, mount));
+    let others = || {
+        let referrers = par_map(&listed, |r| {
+            let reference = r.digest.to_string();
+            let (m, present) = both(
+                || registry.get_manifest(&t.src, &reference),
+                || registry.head_manifest(&t.dst, &reference),
+            );
+            if present?.is_some() {
+                return Ok(None);
+            }
+            missing_of(registry, t, &m?, mount).map(Some)
         });
-        let created: Vec<&FetchedManifest> = digest_tags_now
-            .iter()
-            .filter(|(_, _, action)| *action == TagAction::Create)
-            .map(|(_, m, _)| m)
-            .collect();
         let digest_tags = par_map(&created, |m| {
             if registry.head_manifest(&t.dst, &m.digest.to_string())?.is_some() {
                 return Ok(None);
             }
             missing_of(registry, t, m, mount).map(Some)
         });
-        (image.map(join), join(referrers), digest_tags)
-    });
+        (referrers, digest_tags)
+    };
+    let (image_missing, (referrers_missing, digest_tags_missing)) =
+        if listed.is_empty() && created.is_empty() {
+            (image(), (Vec::new(), Vec::new()))
+        } else {
+            both(image, others)
+        };
     let mut work = CopyWork {
         src: t.src.clone(),
         dst: t.dst.clone(),
@@ -938,22 +961,18 @@ fn missing(
     absent: &Digest,
     mount: bool,
 ) -> Result<Content, RegistryError> {
-    let (manifests_absent, blobs_absent) = both(
-        || {
-            par_map(&content.manifests, |m| {
-                if m.manifest.digest == *absent {
-                    return Ok(true);
-                }
-                registry.head_manifest(dst, &m.manifest.digest.to_string()).map(|d| d.is_none())
-            })
-        },
-        || {
-            if mount {
-                return Vec::new();
+    let manifests_absent = || {
+        par_map(&content.manifests, |m| {
+            if m.manifest.digest == *absent {
+                return Ok(true);
             }
-            par_map(&content.blobs, |b| registry.blob_exists(dst, &b.digest).map(|s| s.is_none()))
-        },
-    );
+            registry.head_manifest(dst, &m.manifest.digest.to_string()).map(|d| d.is_none())
+        })
+    };
+    let blobs_absent =
+        || par_map(&content.blobs, |b| registry.blob_exists(dst, &b.digest).map(|s| s.is_none()));
+    let (manifests_absent, blobs_absent) =
+        if mount { (manifests_absent(), Vec::new()) } else { both(manifests_absent, blobs_absent) };
     let mut out = Content::default();
     for (m, a) in content.manifests.into_iter().zip(manifests_absent) {
         if a? {
@@ -1144,18 +1163,34 @@ fn update_referrers_index(registry: &dyn Registry, work: &CopyWork) -> Result<()
     Ok(())
 }
 
-/// Run `f` on every item at once, each on its own scoped thread, and return the results
-/// in item order. Threads are cheap next to a round trip; what reaches the registry is
-/// bounded by [`Throttled`], not here.
+/// Run `f` on every item, up to [`REQUESTS_IN_FLIGHT`] at once (the caller's thread
+/// among them), and return the results in item order. What reaches the registry is
+/// bounded by [`Throttled`]; this bounds the threads.
 fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if items.len() <= 1 {
+    let workers = items.len().min(REQUESTS_IN_FLIGHT);
+    if workers <= 1 {
         return items.iter().map(&f).collect();
     }
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items.iter().map(|item| s.spawn(move || f(item))).collect();
-        handles.into_iter().map(join).collect()
-    })
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { break };
+            done.push((i, f(item)));
+        }
+        done
+    };
+    let mut results = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..workers).map(|_| s.spawn(work)).collect();
+        let mut all = work();
+        for h in helpers {
+            all.extend(join(h));
+        }
+        all
+    });
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Run `a` and `b` at once.
@@ -1303,6 +1338,14 @@ impl Registry for Throttled<'_> {
         artifact_type: Option<&str>,
     ) -> RegistryResult<ImageIndex> {
         self.permits.with(|| self.inner.referrers(repo, digest, artifact_type))
+    }
+
+    fn referrers_api(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> RegistryResult<Option<ImageIndex>> {
+        self.permits.with(|| self.inner.referrers_api(repo, digest))
     }
 }
 
