@@ -286,22 +286,25 @@ impl PromotionPlan {
             return report;
         }
         let registry = Throttled::new(registry, REQUESTS_IN_FLIGHT);
-        let streams = Permits::new(jobs);
-        let stats = Stats::default();
         let work: Vec<(&ImagePlan, &CopyWork)> =
             self.images.iter().filter_map(|img| img.work.as_ref().map(|w| (img, w))).collect();
+        let copier = Copier {
+            registry: &registry,
+            streams: Permits::new(jobs),
+            stats: Stats::default(),
+            carriers: Carriers::new(&work),
+        };
         // Every image at once, each as soon as its own blobs are in: blobs (a big image's
         // layers in parallel too), then its manifests, children before the index that
         // names them. Content without tags is harmless if another image then fails.
-        let failures: Vec<String> = par_map(&work, |(img, w)| {
-            copy_content(&registry, w, &streams, &stats)
-                .err()
-                .map(|e| format!("image `{}`: {e}", img.image))
+        let numbered: Vec<(usize, &CopyWork)> = work.iter().map(|(_, w)| *w).enumerate().collect();
+        let failures: Vec<String> = par_map(&numbered, |&(i, w)| {
+            copier.copy_content(i, w).err().map(|e| format!("image `{}`: {e}", work[i].0.image))
         })
         .into_iter()
         .flatten()
         .collect();
-        report.stats = stats.snapshot();
+        report.stats = copier.stats.snapshot();
         if !failures.is_empty() {
             report.outcome = Outcome::Failed;
             report.failures = failures;
@@ -1002,24 +1005,147 @@ fn missing_of(
     missing(registry, &t.dst, content, &m.digest, mount)
 }
 
-/// Copy an image's missing blobs, then put its manifests.
-fn copy_content(
-    registry: &dyn Registry,
-    work: &CopyWork,
-    streams: &Permits,
-    stats: &Stats,
-) -> Result<(), RegistryError> {
-    let copied =
-        par_map(&work.blobs, |b| copy_blob(registry, &work.src, &work.dst, b, streams, stats));
-    for r in copied {
-        r?;
+/// What copying content needs, shared by every image's thread.
+struct Copier<'a> {
+    registry: &'a dyn Registry,
+    /// Bounds the blob streams between two registries (`--jobs`).
+    streams: Permits,
+    stats: Stats,
+    carriers: Carriers<'a>,
+}
+
+impl<'a> Copier<'a> {
+    /// Copy the missing blobs of image `me` (its position in the work list), then put
+    /// its manifests.
+    fn copy_content(&self, me: usize, work: &'a CopyWork) -> Result<(), RegistryError> {
+        let blobs: Vec<&'a Descriptor> = work.blobs.iter().collect();
+        for r in par_map(&blobs, |b| self.copy_blob(me, work, b)) {
+            r?;
+        }
+        let referrers: BTreeSet<&Digest> = work.referrers.iter().map(|r| &r.digest).collect();
+        // The image before its referrers: a registry may index a referrer by its subject.
+        for group in [&work.manifests, &work.referrer_manifests] {
+            put_manifests(self.registry, &work.dst, group, &referrers, &self.stats)?;
+        }
+        Ok(())
     }
-    let referrers: BTreeSet<&Digest> = work.referrers.iter().map(|r| &r.digest).collect();
-    // The image before its referrers: a registry may index a referrer by its subject.
-    for group in [&work.manifests, &work.referrer_manifests] {
-        put_manifests(registry, &work.dst, group, &referrers, stats)?;
+
+    /// Mount a blob inside one registry; between two, stream it once per destination
+    /// registry and mount it from there into the other repositories that need it.
+    fn copy_blob(
+        &self,
+        me: usize,
+        work: &'a CopyWork,
+        blob: &'a Descriptor,
+    ) -> Result<(), RegistryError> {
+        let (src, dst) = (&work.src, &work.dst);
+        if src.registry == dst.registry {
+            if self.registry.try_mount_blob(dst, src, &blob.digest)? {
+                self.stats.blobs_mounted.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            return self.stream(work, blob);
+        }
+        let key = (dst.registry.as_str(), &blob.digest);
+        match self.carriers.first.get(&key) {
+            Some(&(carrier, from)) if carrier != me => {
+                if self.carriers.wait(key)
+                    && self.registry.try_mount_blob(dst, from, &blob.digest)?
+                {
+                    self.stats.blobs_mounted.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                // The carrier failed, or the registry does not mount: send the bytes.
+                self.stream(work, blob)
+            }
+            Some(_) => {
+                let mut landing = Landing { carriers: &self.carriers, key, ok: false };
+                self.stream(work, blob)?;
+                landing.ok = true;
+                Ok(())
+            }
+            None => self.stream(work, blob),
+        }
     }
-    Ok(())
+
+    /// From one connection to the other; a cut stream starts over from a new GET.
+    fn stream(&self, work: &CopyWork, blob: &Descriptor) -> Result<(), RegistryError> {
+        self.streams.with(|| {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let stream = self.registry.get_blob(&work.src, &blob.digest)?;
+                match self.registry.put_blob_stream(
+                    &work.dst,
+                    &blob.digest,
+                    blob.size,
+                    stream.reader,
+                ) {
+                    Ok(()) => {
+                        self.stats.blobs_streamed.fetch_add(1, Ordering::Relaxed);
+                        self.stats.bytes_streamed.fetch_add(blob.size, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Err(e) if attempt < STREAM_ATTEMPTS && transient(&e) => {
+                        tracing::info!(digest = %blob.digest, error = %e, "blob copy failed; starting over");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+}
+
+/// A fleet shares base layers. Between two registries, the first image (in work order)
+/// that needs a blob in a destination registry carries it there; the other images wait
+/// for it and mount it, so its bytes cross once. Images only ever wait for an earlier
+/// one, which was started first, so the waits cannot form a cycle.
+struct Carriers<'a> {
+    /// (destination registry, digest) → the carrying image and its repository.
+    first: BTreeMap<(&'a str, &'a Digest), (usize, &'a Repository)>,
+    /// Whether each carried blob arrived, once that is known.
+    landed: Mutex<BTreeMap<(&'a str, &'a Digest), bool>>,
+    changed: Condvar,
+}
+
+impl<'a> Carriers<'a> {
+    fn new(work: &[(&'a ImagePlan, &'a CopyWork)]) -> Carriers<'a> {
+        let mut first = BTreeMap::new();
+        for (i, (_, w)) in work.iter().enumerate() {
+            if w.src.registry == w.dst.registry {
+                continue;
+            }
+            for b in &w.blobs {
+                first.entry((w.dst.registry.as_str(), &b.digest)).or_insert((i, &w.dst));
+            }
+        }
+        Carriers { first, landed: Mutex::new(BTreeMap::new()), changed: Condvar::new() }
+    }
+
+    /// Wait until the blob's carrier is done; whether the blob arrived.
+    fn wait(&self, key: (&'a str, &'a Digest)) -> bool {
+        let mut landed = lock(&self.landed);
+        loop {
+            if let Some(ok) = landed.get(&key) {
+                return *ok;
+            }
+            landed = self.changed.wait(landed).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Tells the waiting images how a carried blob's copy ended, however it ends.
+struct Landing<'c, 'a> {
+    carriers: &'c Carriers<'a>,
+    key: (&'a str, &'a Digest),
+    ok: bool,
+}
+
+impl Drop for Landing<'_, '_> {
+    fn drop(&mut self) {
+        lock(&self.carriers.landed).insert(self.key, self.ok);
+        self.carriers.changed.notify_all();
+    }
 }
 
 /// Put manifests by digest: those that name no manifest at once, then the indexes in
@@ -1048,39 +1174,6 @@ fn put_manifests(
         put(&m.manifest)?;
     }
     Ok(())
-}
-
-fn copy_blob(
-    registry: &dyn Registry,
-    src: &Repository,
-    dst: &Repository,
-    blob: &Descriptor,
-    streams: &Permits,
-    stats: &Stats,
-) -> Result<(), RegistryError> {
-    if src.registry == dst.registry && registry.try_mount_blob(dst, src, &blob.digest)? {
-        stats.blobs_mounted.fetch_add(1, Ordering::Relaxed);
-        return Ok(());
-    }
-    // From one connection to the other; a cut stream starts over from a new GET.
-    streams.with(|| {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let stream = registry.get_blob(src, &blob.digest)?;
-            match registry.put_blob_stream(dst, &blob.digest, blob.size, stream.reader) {
-                Ok(()) => {
-                    stats.blobs_streamed.fetch_add(1, Ordering::Relaxed);
-                    stats.bytes_streamed.fetch_add(blob.size, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(e) if attempt < STREAM_ATTEMPTS && transient(&e) => {
-                    tracing::info!(digest = %blob.digest, error = %e, "blob copy failed; starting over");
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    })
 }
 
 fn transient(e: &RegistryError) -> bool {
