@@ -26,6 +26,8 @@
 #                           or /dev/shm. Both tools use the same registries either way.
 #   FERRY=PATH              the ferry binary; default: `cargo build --release`, then
 #                           target/release/ferry
+#   FERRY_BASELINE=PATH     another ferry binary (e.g. an older build) timed in the same runs,
+#                           into namespaces of its own
 #   BENCH_KEEP=1            keep the work directory
 # Needs: docker-registry (CNCF distribution), skopeo, python3, cargo (unless FERRY is set).
 set -euo pipefail
@@ -123,7 +125,7 @@ if [ "$TAGS" = 2 ]; then DST_TAGS='["{version}", "latest"]'; else DST_TAGS='["{v
     echo 'tags = ["{version}-rc"]'
     echo
     # One destination per run: every timed promotion copies the whole fleet.
-    for n in warm count $(seq "$REPS"); do
+    for n in warm count $(seq "$REPS") $(seq -f 'base%g' "$REPS"); do
         echo "[environments.prod$n]"
         echo "registry = \"$ONE/prod$n\""
         echo "tags = $DST_TAGS"
@@ -150,8 +152,8 @@ for i in $(seq -w 0 $((IMAGES - 1))); do
         "oci:$STORE:img$i" "docker://$ONE/staging/bench/img$i:1.0.0-rc"
 done
 
-ferry_promote() { # destination environment
-    "$FERRY" -q -C "$FLEET" --store "$STORE" ${FERRY_ARGS:-} promote --from staging --to "$1" >/dev/null
+ferry_promote() { # destination environment [binary]
+    "${2:-$FERRY}" -q -C "$FLEET" --store "$STORE" ${FERRY_ARGS:-} promote --from staging --to "$1" >/dev/null
 }
 # skopeo_each SOURCE DESTINATION NAMESPACE: every image from SOURCE/staging into
 # DESTINATION/NAMESPACE under the same tags as ferry's. skopeo gets a fresh home per pass, as
@@ -185,7 +187,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 ferry_promote prodwarm
 skopeo_each "$ONE" "$ONE" skopeowarm
 
-F1=() S1=() R1=() NOOP=() F2=() S2=() R2=()
+F1=() S1=() R1=() NOOP=() F2=() S2=() R2=() B1=() RB1=()
 for r in $(seq "$REPS"); do
     # Alternate who goes first, so neither always runs right after the other.
     if [ $((r % 2)) = 1 ]; then
@@ -196,6 +198,10 @@ for r in $(seq "$REPS"); do
         f=$(timed ferry_promote "prod$r")
     fi
     F1+=("$f") S1+=("$s") R1+=("$(ratio "$f" "$s")")
+    if [ -n "${FERRY_BASELINE:-}" ]; then
+        b=$(timed ferry_promote "prodbase$r" "$FERRY_BASELINE")
+        B1+=("$b") RB1+=("$(ratio "$b" "$s")")
+    fi
 done
 for r in $(seq "$REPS"); do
     NOOP+=("$(timed ferry_promote "prod$REPS")")
@@ -249,6 +255,10 @@ row "" "median" "each run"
 row "one registry:   ferry promote (s)" "$(median "${F1[@]}")" "${F1[*]}"
 row "one registry:   skopeo copy, each image (s)" "$(median "${S1[@]}")" "${S1[*]}"
 row "one registry:   ferry / skopeo (target <= 0.1)" "$(median "${R1[@]}")" "${R1[*]}"
+if [ -n "${FERRY_BASELINE:-}" ]; then
+    row "one registry:   baseline ferry promote (s)" "$(median "${B1[@]}")" "${B1[*]}"
+    row "one registry:   baseline / skopeo" "$(median "${RB1[@]}")" "${RB1[*]}"
+fi
 row "one registry:   ferry promote again, no-op (s)" "$(median "${NOOP[@]}")" "${NOOP[*]}"
 row "two registries: ferry promote (s)" "$(median "${F2[@]}")" "${F2[*]}"
 row "two registries: skopeo copy, each image (s)" "$(median "${S2[@]}")" "${S2[*]}"
