@@ -246,7 +246,7 @@ FERRY_REQ=$(requests) FERRY_WR=$(writes)
 skopeo_each "$COUNT" "$COUNT" skopeocount
 SKOPEO_REQ=$(($(requests) - FERRY_REQ)) SKOPEO_WR=$(($(writes) - FERRY_WR))
 
-FS=$(stat -f -c %T "$DATA")
+FS=$( (findmnt -n -o FSTYPE -T "$DATA" 2>/dev/null || stat -f -c %T "$DATA") | head -1)
 echo "fleet: $IMAGES images of $((4 + LAYER_MB)) MB (a 4 MB base layer shared), $TAGS destination tag(s) each"
 echo "registries: CNCF distribution $(docker-registry --version | awk '{print $3}'), storage on $STORAGE ($FS); skopeo $(skopeo --version | awk '{print $3}')"
 echo "machine: $(nproc) cores, load average $LOAD_BEFORE before, $LOAD_AFTER after; $REPS runs each"
