@@ -174,3 +174,41 @@ fn without_referrers_only_the_image_moves() {
     assert_eq!(tags_of(&reg.host, "acme-prod/acme/api"), ["1.0", "1.0.0", "latest"]);
     assert_eq!(digest_of(&reg.host, "acme-prod/acme/api", &artifact), None);
 }
+
+#[test]
+fn across_two_registries_a_shared_blob_crosses_once() {
+    let staging = TestRegistry::start(RegistryOptions::default());
+    let prod = TestRegistry::start(RegistryOptions::default());
+    let work = tempfile::tempdir().unwrap();
+    // Two images built from the same layers (as a fleet shares its base).
+    let api =
+        publish(&staging, work.path(), "base", 4, 2, 60_000, "acme-staging/acme/api:1.0.0-rc");
+    staging.push(&work.path().join("layout-base-4"), "t", "acme-staging/acme/web:2.1.0-rc");
+    let project =
+        Project::new(&[("api", "1.0.0"), ("web", "2.1.0")], &envs(&staging.host, &prod.host));
+
+    let out = project.run(&["--json", "promote", "--from", "staging", "--to", "prod"]);
+    assert!(out.status.success(), "promote failed: {}", stderr(&out));
+    let report = json(&out);
+    // Config and two layers: streamed into one repository, mounted into the other.
+    assert_eq!(report["stats"]["blobs_streamed"], 3, "{report:#}");
+    assert_eq!(report["stats"]["blobs_mounted"], 3, "{report:#}");
+    let planned: Vec<u64> = report["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["bytes_to_copy"].as_u64().unwrap())
+        .collect();
+    assert_eq!(report["stats"]["bytes_streamed"].as_u64().unwrap(), planned[0]);
+    for path in ["acme-prod/acme/api", "acme-prod/acme/web"] {
+        assert_eq!(skopeo_digest(&prod.host, path, "latest"), api);
+    }
+    // skopeo reads every blob out of the repository that got them by mount.
+    let out = std::process::Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/acme-prod/acme/web:2.1.0", prod.host))
+        .arg(format!("oci:{}:web", work.path().join("check").display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo copy from prod: {}", stderr(&out));
+}

@@ -72,6 +72,10 @@ pub struct RegistryClient {
     explicit: Mutex<HashMap<String, Credential>>,
     clients: Mutex<HashMap<(String, bool), Client>>,
     bases: Mutex<HashMap<String, Url>>,
+    /// Held while a client is built or a host probed, so that threads starting together
+    /// build one client and send one probe instead of one each.
+    building: Mutex<()>,
+    probing: Mutex<()>,
     auth: Mutex<HashMap<String, HostAuth>>,
     tokens: Mutex<HashMap<String, (Secret, Instant)>>,
     retry: RetryPolicy,
@@ -89,6 +93,8 @@ impl RegistryClient {
             explicit: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             bases: Mutex::new(HashMap::new()),
+            building: Mutex::new(()),
+            probing: Mutex::new(()),
             auth: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             retry,
@@ -167,6 +173,10 @@ impl RegistryClient {
         if let Some(c) = lock(&self.clients).get(&key) {
             return Ok(c.clone());
         }
+        let _building = lock(&self.building);
+        if let Some(c) = lock(&self.clients).get(&key) {
+            return Ok(c.clone());
+        }
         let cfg_err = |reason: String| RegistryError::Config { registry: host.to_string(), reason };
         if let Some(problem) = &self.config.settings_error {
             return Err(cfg_err(problem.clone()));
@@ -204,6 +214,10 @@ impl RegistryClient {
         if let Some(b) = &ep.base {
             return Ok(b.clone());
         }
+        if let Some(b) = lock(&self.bases).get(&ep.api_host) {
+            return Ok(b.clone());
+        }
+        let _probing = lock(&self.probing);
         if let Some(b) = lock(&self.bases).get(&ep.api_host) {
             return Ok(b.clone());
         }
@@ -870,6 +884,47 @@ impl RegistryClient {
         }
         Ok(())
     }
+
+    /// The referrers API's answer; None when the registry has no such API (404).
+    fn referrers_from_api(
+        &self,
+        ep: &Endpoint,
+        repo: &Repository,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<ImageIndex>> {
+        let mut url = self.url(ep, &format!("/v2/{}/referrers/{digest}", repo.path))?;
+        if let Some(t) = artifact_type {
+            url.query_pairs_mut().append_pair("artifactType", t);
+        }
+        let resp = self.send(
+            ep,
+            &[pull_scope(&repo.path)],
+            Method::GET,
+            url,
+            HeaderMap::new(),
+            None,
+            true,
+        )?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(self.failure(ep, format!("referrers of {digest}"), resp));
+        }
+        let mut bytes = Vec::new();
+        resp.take(MANIFEST_MAX).read_to_end(&mut bytes).map_err(|e| {
+            RegistryError::Unreachable {
+                registry: ep.name.clone(),
+                reason: format!("reading referrers: {e}"),
+            }
+        })?;
+        serde_json::from_slice::<ImageIndex>(&bytes).map(Some).map_err(|e| RegistryError::Invalid {
+            registry: ep.name.clone(),
+            what: format!("referrers of {digest}"),
+            reason: e.to_string(),
+        })
+    }
 }
 
 impl Registry for RegistryClient {
@@ -1139,48 +1194,28 @@ impl Registry for RegistryClient {
         artifact_type: Option<&str>,
     ) -> Result<ImageIndex> {
         let ep = self.upstream(&repo.registry);
-        let mut url = self.url(&ep, &format!("/v2/{}/referrers/{digest}", repo.path))?;
-        if let Some(t) = artifact_type {
-            url.query_pairs_mut().append_pair("artifactType", t);
-        }
-        let resp = self.send(
-            &ep,
-            &[pull_scope(&repo.path)],
-            Method::GET,
-            url,
-            HeaderMap::new(),
-            None,
-            true,
-        )?;
-        let mut index = if resp.status().is_success() {
-            let mut bytes = Vec::new();
-            resp.take(MANIFEST_MAX).read_to_end(&mut bytes).map_err(|e| {
-                RegistryError::Unreachable {
-                    registry: ep.name.clone(),
-                    reason: format!("reading referrers: {e}"),
+        let mut index = match self.referrers_from_api(&ep, repo, digest, artifact_type)? {
+            Some(index) => index,
+            None => {
+                // No referrers API: the tag schema.
+                let tag = format!("sha256-{}", digest.hex());
+                match self.get_manifest_from(&ep, repo, &tag) {
+                    Ok(m) => serde_json::from_slice::<ImageIndex>(&m.bytes)
+                        .unwrap_or_else(|_| ImageIndex::new_oci()),
+                    Err(RegistryError::NotFound { .. }) => ImageIndex::new_oci(),
+                    Err(e) => return Err(e),
                 }
-            })?;
-            serde_json::from_slice::<ImageIndex>(&bytes).map_err(|e| RegistryError::Invalid {
-                registry: ep.name.clone(),
-                what: format!("referrers of {digest}"),
-                reason: e.to_string(),
-            })?
-        } else if resp.status() == StatusCode::NOT_FOUND {
-            // No referrers API: the tag schema.
-            let tag = format!("sha256-{}", digest.hex());
-            match self.get_manifest_from(&ep, repo, &tag) {
-                Ok(m) => serde_json::from_slice::<ImageIndex>(&m.bytes)
-                    .unwrap_or_else(|_| ImageIndex::new_oci()),
-                Err(RegistryError::NotFound { .. }) => ImageIndex::new_oci(),
-                Err(e) => return Err(e),
             }
-        } else {
-            return Err(self.failure(&ep, format!("referrers of {digest}"), resp));
         };
         if let Some(t) = artifact_type {
             index.manifests.retain(|m| m.artifact_type.as_deref() == Some(t));
         }
         Ok(index)
+    }
+
+    fn referrers_api(&self, repo: &Repository, digest: &Digest) -> Result<Option<ImageIndex>> {
+        let ep = self.upstream(&repo.registry);
+        self.referrers_from_api(&ep, repo, digest, None)
     }
 }
 

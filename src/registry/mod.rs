@@ -215,4 +215,9 @@ pub trait Registry: Send + Sync {
         digest: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<ImageIndex>;
+    /// What the referrers API alone says; None when the registry has no such API (404),
+    /// for a caller that reads the tag schema itself (it may know the tags already).
+    fn referrers_api(&self, repo: &Repository, digest: &Digest) -> Result<Option<ImageIndex>> {
+        self.referrers(repo, digest, None).map(Some)
+    }
 }

@@ -11,8 +11,10 @@
 //! digest) executes nothing at all.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use serde::Serialize;
 
@@ -21,13 +23,21 @@ use crate::manifest::{Environment, Image, Manifest};
 use crate::oci::{self, Descriptor, ImageIndex, ParsedManifest};
 use crate::plan::{render_tags, PlanError, SourceInfo};
 use crate::reference::{Reference, Repository};
-use crate::registry::{FetchedManifest, Registry, RegistryError};
+use crate::registry::{
+    BlobStream, FetchedManifest, MountOutcome, Registry, RegistryError, Result as RegistryResult,
+};
 
 /// Tag suffixes of the cosign tag scheme (`sha256-<hex>.sig` …) copied with an image.
 const DIGEST_TAG_SUFFIXES: [&str; 3] = [".sig", ".att", ".sbom"];
 
 /// Indexes nest rarely and shallowly; deeper nesting is a malformed or hostile index.
 const MAX_INDEX_DEPTH: usize = 4;
+
+/// How many requests a promotion has in flight at once. Its requests are small (reads,
+/// mounts, manifest and tag PUTs) and their cost is latency: a registry on a filesystem
+/// syncs each write, and concurrent writes share one journal commit, so dozens at once
+/// finish in little more time than one. Independent of `--jobs`, which bounds streams.
+const REQUESTS_IN_FLIGHT: usize = 32;
 
 /// What to promote.
 #[derive(Debug, Clone)]
@@ -146,7 +156,9 @@ pub struct ImagePlan {
     pub media_type: Option<String>,
     /// Manifests to put (children of an index, the image, referrers).
     pub manifests_to_copy: usize,
-    /// Blobs the destination lacks, and their bytes.
+    /// Blobs to copy and their bytes: the ones the destination lacks when they are
+    /// streamed; every blob of the missing manifests when they are mounted (the mount
+    /// itself tells whether the destination had it; nothing is sent either way).
     pub blobs_to_copy: usize,
     pub bytes_to_copy: u64,
     /// Source and destination are one registry: blobs are mounted, no bytes are sent.
@@ -167,9 +179,12 @@ struct CopyWork {
     src: Repository,
     dst: Repository,
     top: FetchedManifest,
-    /// Manifests to put by digest, children before parents, referrers last.
-    manifests: Vec<FetchedManifest>,
-    /// Blobs the destination lacks.
+    /// The image's manifests to put by digest, children before parents.
+    manifests: Vec<ContentManifest>,
+    /// Referrers' and cosign-scheme manifests to put after the image's.
+    referrer_manifests: Vec<ContentManifest>,
+    /// Blobs to copy: all of the missing manifests' blobs when they are mounted, the
+    /// ones the destination lacks when they are streamed.
     blobs: Vec<Descriptor>,
     /// Every referrer of the source manifest, as the source lists them.
     referrers: Vec<Descriptor>,
@@ -252,6 +267,9 @@ impl PromotionPlan {
 
     /// Copy content, then move tags. Returns what was done; a failure of any image leaves
     /// every tag where it was.
+    ///
+    /// `jobs` bounds the blob streams between two registries (they move bytes); the small
+    /// requests (mounts, manifest and tag PUTs) go [`REQUESTS_IN_FLIGHT`] at a time.
     pub fn execute(self, registry: &dyn Registry, jobs: usize) -> PromotionReport {
         let mut report = PromotionReport::new(&self);
         let problems = self.problems();
@@ -264,32 +282,26 @@ impl PromotionPlan {
             report.outcome = Outcome::NothingToDo;
             return report;
         }
-        let stats = Stats::default();
-        let failures = Mutex::new(Vec::new());
-        // Every missing blob of every image at once (a big image's layers in parallel too),
-        // then each image's manifests, children before the index that names them.
-        let blobs: Vec<(&ImagePlan, &CopyWork, &Descriptor)> = self
-            .images
-            .iter()
-            .filter_map(|img| img.work.as_ref().map(|w| (img, w)))
-            .flat_map(|(img, w)| w.blobs.iter().map(move |b| (img, w, b)))
-            .collect();
-        run_parallel(jobs, &blobs, |(img, work, blob)| {
-            if let Err(e) = copy_blob(registry, &work.src, &work.dst, blob, &stats) {
-                lock(&failures).push(format!("image `{}`: {e}", img.image));
-            }
-        });
-        if lock(&failures).is_empty() {
-            run_parallel(jobs, &self.images, |img| {
-                if let Some(work) = &img.work {
-                    if let Err(e) = copy_manifests(registry, work, &stats) {
-                        lock(&failures).push(format!("image `{}`: {e}", img.image));
-                    }
-                }
-            });
-        }
-        report.stats = stats.snapshot();
-        let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
+        let registry = Throttled::new(registry, REQUESTS_IN_FLIGHT);
+        let work: Vec<(&ImagePlan, &CopyWork)> =
+            self.images.iter().filter_map(|img| img.work.as_ref().map(|w| (img, w))).collect();
+        let copier = Copier {
+            registry: &registry,
+            streams: Permits::new(jobs),
+            stats: Stats::default(),
+            carriers: Carriers::new(&work),
+        };
+        // Every image at once, each as soon as its own blobs are in: blobs (a big image's
+        // layers in parallel too), then its manifests, children before the index that
+        // names them. Content without tags is harmless if another image then fails.
+        let numbered: Vec<(usize, &CopyWork)> = work.iter().map(|(_, w)| *w).enumerate().collect();
+        let failures: Vec<String> = par_map(&numbered, |&(i, w)| {
+            copier.copy_content(i, w).err().map(|e| format!("image `{}`: {e}", work[i].0.image))
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+        report.stats = copier.stats.snapshot();
         if !failures.is_empty() {
             report.outcome = Outcome::Failed;
             report.failures = failures;
@@ -299,8 +311,7 @@ impl PromotionPlan {
         // Every manifest is in the destination. Check immutable tags again right before
         // moving any: another promotion may have run since the plan was made.
         if self.immutable {
-            let conflicts = recheck_conflicts(registry, &self.images);
-            match conflicts {
+            match recheck_conflicts(&registry, &work) {
                 Ok(c) if c.is_empty() => {}
                 Ok(c) => {
                     report.outcome = Outcome::Failed;
@@ -315,39 +326,49 @@ impl PromotionPlan {
                 }
             }
         }
-        // Tags of every image at once: registries take tens of milliseconds per manifest
-        // PUT, and the all-or-nothing decision has been made above.
-        let moves: Vec<(&ImagePlan, &CopyWork, &TagPlan)> = self
-            .images
+        // The all-or-nothing decision is made: every tag of every image at once, and the
+        // referrers fallback indexes with them.
+        let moves: Vec<(&ImagePlan, &CopyWork, &TagPlan)> = work
             .iter()
-            .filter_map(|img| img.work.as_ref().map(|w| (img, w)))
-            .flat_map(|(img, w)| img.tags.iter().map(move |t| (img, w, t)))
+            .flat_map(|&(img, w)| img.tags.iter().map(move |t| (img, w, t)))
             .filter(|(_, _, t)| matches!(t.action, TagAction::Create | TagAction::Move { .. }))
             .collect();
-        let moved: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
-        let failures = Mutex::new(Vec::new());
-        run_parallel(jobs, &moves, |(img, work, t)| {
-            let m = match work.digest_tags.iter().find(|(tag, _)| *tag == t.tag) {
-                Some((_, m)) => m,
-                None => &work.top,
-            };
-            match registry.put_manifest(&work.dst, &t.tag, &m.media_type, &m.bytes) {
-                Ok(_) => {
-                    lock(&moved).insert((img.image.clone(), t.tag.clone()));
+        let with_referrers: Vec<&(&ImagePlan, &CopyWork)> =
+            work.iter().filter(|(_, w)| !w.referrers.is_empty()).collect();
+        let put_tags = || {
+            par_map(&moves, |(img, w, t)| {
+                let m = match w.digest_tags.iter().find(|(tag, _)| *tag == t.tag) {
+                    Some((_, m)) => m,
+                    None => &w.top,
+                };
+                registry
+                    .put_manifest(&w.dst, &t.tag, &m.media_type, &m.bytes)
+                    .map(|_| (img.image.clone(), t.tag.clone()))
+                    .map_err(|e| format!("image `{}`: {e}", img.image))
+            })
+        };
+        let update_indexes = || {
+            par_map(&with_referrers, |(img, w)| {
+                update_referrers_index(&registry, w)
+                    .map_err(|e| format!("image `{}`: {e}", img.image))
+            })
+        };
+        let (tag_results, referrer_results) = if with_referrers.is_empty() {
+            (put_tags(), Vec::new())
+        } else {
+            both(put_tags, update_indexes)
+        };
+        let mut moved: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut failures = Vec::new();
+        for r in tag_results {
+            match r {
+                Ok(m) => {
+                    moved.insert(m);
                 }
-                Err(e) => lock(&failures).push(format!("image `{}`: {e}", img.image)),
+                Err(e) => failures.push(e),
             }
-        });
-        run_parallel(jobs, &self.images, |img| {
-            let Some(work) = &img.work else { return };
-            if work.referrers.is_empty() {
-                return;
-            }
-            if let Err(e) = update_referrers_index(registry, work) {
-                lock(&failures).push(format!("image `{}`: {e}", img.image));
-            }
-        });
-        let moved = moved.into_inner().unwrap_or_else(|p| p.into_inner());
+        }
+        failures.extend(referrer_results.into_iter().filter_map(Result::err));
         report.stats.tags_moved = moved.len() as u64;
         for img in &self.images {
             for t in &img.tags {
@@ -358,7 +379,6 @@ impl PromotionPlan {
                 }
             }
         }
-        let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
         if !failures.is_empty() {
             report.outcome = Outcome::Failed;
             report.failures = failures;
@@ -506,16 +526,14 @@ pub fn plan(
     for image in selected {
         targets.push(Target::new(image, from, to, request, info)?);
     }
-    let results: Mutex<BTreeMap<String, Result<ImagePlan, PromoteError>>> =
-        Mutex::new(BTreeMap::new());
-    run_parallel(request.jobs, &targets, |t| {
-        let r = plan_image(registry, t, request.referrers);
-        lock(&results).insert(t.image.clone(), r);
-    });
-    let mut images = Vec::new();
-    for (_, r) in results.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        images.push(r?);
-    }
+    // Every image at once: the plan is a few rounds of small reads per image, and a
+    // registry answers dozens of them in parallel.
+    let registry = Throttled::new(registry, REQUESTS_IN_FLIGHT);
+    let mut results =
+        par_map(&targets, |t| (t.image.clone(), plan_image(&registry, t, request.referrers)));
+    // In name order, as the report lists them (and the first error by name is the one told).
+    results.sort_by(|a, b| a.0.cmp(&b.0));
+    let images = results.into_iter().map(|(_, r)| r).collect::<Result<Vec<_>, _>>()?;
     Ok(PromotionPlan {
         from: from.name.clone(),
         to: to.name.clone(),
@@ -626,6 +644,7 @@ fn plan_image(
     with_referrers: bool,
 ) -> Result<ImagePlan, PromoteError> {
     let reg_err = |source: RegistryError| PromoteError::Registry { image: t.image.clone(), source };
+    let mount = t.src.registry == t.dst.registry;
     let mut plan = ImagePlan {
         image: t.image.clone(),
         source: t.source_name(),
@@ -636,14 +655,24 @@ fn plan_image(
         manifests_to_copy: 0,
         blobs_to_copy: 0,
         bytes_to_copy: 0,
-        mount: t.src.registry == t.dst.registry,
+        mount,
         referrers: Vec::new(),
         tags: Vec::new(),
         error: None,
         work: None,
     };
-    // The source: the manifest and everything it reaches.
-    let top = match registry.get_manifest(&t.src, &t.src_reference) {
+    // Three rounds of reads, each round's requests at once: a registry answers a read in
+    // a millisecond, so what a plan costs is how many round trips follow one another.
+    //
+    // Round 1: the source manifest, what the destination tags name now, and the source's
+    // tags (where the cosign-scheme referrer tags are found).
+    let (top, dst_tags, src_tags) = std::thread::scope(|s| {
+        let dst_tags = s.spawn(|| par_map(&t.dst_tags, |tag| registry.head_manifest(&t.dst, tag)));
+        let src_tags = with_referrers.then(|| s.spawn(|| registry.list_tags(&t.src)));
+        let top = registry.get_manifest(&t.src, &t.src_reference);
+        (top, join(dst_tags), src_tags.map(join))
+    });
+    let top = match top {
         Ok(m) => m,
         Err(RegistryError::NotFound { .. }) => {
             plan.error = Some(format!("{} does not exist in the source environment", plan.source));
@@ -651,9 +680,44 @@ fn plan_image(
         }
         Err(e) => return Err(reg_err(e)),
     };
-    let mut content = Content::default();
-    match collect(registry, &t.src, &top, &mut content, 0) {
-        Ok(()) => {}
+    let dst_tags = dst_tags.into_iter().collect::<Result<Vec<_>, _>>().map_err(reg_err)?;
+    let src_tags = src_tags.transpose().map_err(reg_err)?.unwrap_or_default();
+
+    // Round 2: what the manifest reaches, whether the destination has it, its referrers.
+    let fallback = fallback_tag(&top.digest);
+    let digest_tag_names: Vec<String> = DIGEST_TAG_SUFFIXES
+        .iter()
+        .map(|suffix| format!("{fallback}{suffix}"))
+        .filter(|tag| src_tags.contains(tag))
+        .collect();
+    // A destination tag that names the digest already proves the manifest is there.
+    let tagged = dst_tags.iter().flatten().any(|d| d.digest == top.digest);
+    let (content, top_present, listed, referrers_index, digest_tags) = std::thread::scope(|s| {
+        let present =
+            (!tagged).then(|| s.spawn(|| registry.head_manifest(&t.dst, &top.digest.to_string())));
+        // The API alone: without it the source's tag list says whether the fallback index
+        // exists, and it is read here anyway.
+        let listed =
+            with_referrers.then(|| s.spawn(|| registry.referrers_api(&t.src, &top.digest)));
+        let index = src_tags
+            .contains(&fallback)
+            .then(|| s.spawn(|| registry.get_manifest(&t.src, &fallback)));
+        let digest_tags = (!digest_tag_names.is_empty()).then(|| {
+            s.spawn(|| {
+                par_map(&digest_tag_names, |tag| {
+                    both(
+                        || registry.get_manifest(&t.src, tag),
+                        || registry.head_manifest(&t.dst, tag),
+                    )
+                })
+            })
+        });
+        let content = collect(registry, &t.src, &top, 0);
+        let digest_tags = digest_tags.map(join).unwrap_or_default();
+        (content, present.map(join), listed.map(join), index.map(join), digest_tags)
+    });
+    let content = match content {
+        Ok(c) => c,
         Err(RegistryError::NotFound { what, .. }) => {
             plan.error = Some(format!(
                 "{} is incomplete in the source environment: {what} is missing",
@@ -662,91 +726,117 @@ fn plan_image(
             return Ok(plan);
         }
         Err(e) => return Err(reg_err(e)),
-    }
+    };
     plan.digest = Some(top.digest.clone());
     plan.media_type = Some(top.media_type.clone());
+    let top_present = match top_present {
+        Some(r) => r.map_err(reg_err)?.is_some(),
+        None => true,
+    };
+    plan.status = if top_present { ImageStatus::AlreadyThere } else { ImageStatus::Copy };
+    let referrers_index = referrers_index.transpose().map_err(reg_err)?;
+    let listed = match listed.transpose().map_err(reg_err)? {
+        Some(Some(api)) => api.manifests,
+        // No referrers API: the fallback index lists them (as the registry client reads it).
+        Some(None) => referrers_index
+            .as_ref()
+            .and_then(|m| serde_json::from_slice::<ImageIndex>(&m.bytes).ok())
+            .map(|index| index.manifests)
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let mut digest_tags_now = Vec::new();
+    for (tag, (m, now)) in digest_tag_names.into_iter().zip(digest_tags) {
+        let m = m.map_err(reg_err)?;
+        let action = match now.map_err(reg_err)? {
+            None => TagAction::Create,
+            Some(d) if d.digest == m.digest => TagAction::Unchanged,
+            Some(d) => TagAction::Keep { existing: d.digest },
+        };
+        digest_tags_now.push((tag, m, action));
+    }
 
-    // The destination: what it lacks.
+    // Round 3: what of it the destination lacks (for a referrer, its manifest is fetched
+    // while the destination is asked whether it has it).
+    let created: Vec<&FetchedManifest> = digest_tags_now
+        .iter()
+        .filter(|(_, _, action)| *action == TagAction::Create)
+        .map(|(_, m, _)| m)
+        .collect();
+    let image = || (!top_present).then(|| missing(registry, &t.dst, content, &top.digest, mount));
+    let others = || {
+        let referrers = par_map(&listed, |r| {
+            let reference = r.digest.to_string();
+            let (m, present) = both(
+                || registry.get_manifest(&t.src, &reference),
+                || registry.head_manifest(&t.dst, &reference),
+            );
+            if present?.is_some() {
+                return Ok(None);
+            }
+            missing_of(registry, t, &m?, mount).map(Some)
+        });
+        let digest_tags = par_map(&created, |m| {
+            if registry.head_manifest(&t.dst, &m.digest.to_string())?.is_some() {
+                return Ok(None);
+            }
+            missing_of(registry, t, m, mount).map(Some)
+        });
+        (referrers, digest_tags)
+    };
+    let (image_missing, (referrers_missing, digest_tags_missing)) =
+        if listed.is_empty() && created.is_empty() {
+            (image(), (Vec::new(), Vec::new()))
+        } else {
+            both(image, others)
+        };
     let mut work = CopyWork {
         src: t.src.clone(),
         dst: t.dst.clone(),
         top: top.clone(),
         manifests: Vec::new(),
+        referrer_manifests: Vec::new(),
         blobs: Vec::new(),
         referrers: Vec::new(),
-        referrers_index: None,
+        referrers_index,
         digest_tags: Vec::new(),
     };
-    let top_present = registry.head_manifest(&t.dst, &top.digest.to_string()).map_err(reg_err)?;
-    plan.status = if top_present.is_some() { ImageStatus::AlreadyThere } else { ImageStatus::Copy };
-    if top_present.is_none() {
-        missing_content(registry, &t.dst, content, &mut work).map_err(reg_err)?;
+    if let Some(m) = image_missing {
+        work.add(m.map_err(reg_err)?, false);
     }
-
-    if with_referrers {
-        let listed = registry.referrers(&t.src, &top.digest, None).map_err(reg_err)?;
-        for r in &listed.manifests {
-            let present =
-                registry.head_manifest(&t.dst, &r.digest.to_string()).map_err(reg_err)?.is_some();
-            plan.referrers.push(ReferrerPlan {
-                digest: r.digest.clone(),
-                artifact_type: r.artifact_type.clone(),
-                present,
-            });
-            if !present {
-                let m = registry.get_manifest(&t.src, &r.digest.to_string()).map_err(reg_err)?;
-                let mut c = Content::default();
-                collect(registry, &t.src, &m, &mut c, 0).map_err(reg_err)?;
-                missing_content(registry, &t.dst, c, &mut work).map_err(reg_err)?;
-            }
-        }
-        work.referrers = listed.manifests;
-        let fallback = fallback_tag(&top.digest);
-        let src_tags = registry.list_tags(&t.src).map_err(reg_err)?;
-        if src_tags.contains(&fallback) {
-            work.referrers_index = Some(registry.get_manifest(&t.src, &fallback).map_err(reg_err)?);
-        }
-        for suffix in DIGEST_TAG_SUFFIXES {
-            let tag = format!("{fallback}{suffix}");
-            if !src_tags.contains(&tag) {
-                continue;
-            }
-            let m = registry.get_manifest(&t.src, &tag).map_err(reg_err)?;
-            let action = match registry.head_manifest(&t.dst, &tag).map_err(reg_err)? {
-                None => TagAction::Create,
-                Some(d) if d.digest == m.digest => TagAction::Unchanged,
-                Some(d) => TagAction::Keep { existing: d.digest },
-            };
-            if action == TagAction::Create {
-                let present = registry
-                    .head_manifest(&t.dst, &m.digest.to_string())
-                    .map_err(reg_err)?
-                    .is_some();
-                if !present {
-                    let mut c = Content::default();
-                    collect(registry, &t.src, &m, &mut c, 0).map_err(reg_err)?;
-                    missing_content(registry, &t.dst, c, &mut work).map_err(reg_err)?;
-                }
-            }
-            plan.tags.push(TagPlan { tag: tag.clone(), action });
-            work.digest_tags.push((tag, m));
+    for (r, m) in listed.iter().zip(referrers_missing) {
+        let m = m.map_err(reg_err)?;
+        plan.referrers.push(ReferrerPlan {
+            digest: r.digest.clone(),
+            artifact_type: r.artifact_type.clone(),
+            present: m.is_none(),
+        });
+        if let Some(m) = m {
+            work.add(m, true);
         }
     }
+    for m in digest_tags_missing {
+        if let Some(m) = m.map_err(reg_err)? {
+            work.add(m, true);
+        }
+    }
+    work.referrers = listed;
 
     // Image tags go first in the list: they are what people look for.
-    let mut tags = Vec::new();
-    for tag in &t.dst_tags {
-        let action = match registry.head_manifest(&t.dst, tag).map_err(reg_err)? {
+    for (tag, now) in t.dst_tags.iter().zip(dst_tags) {
+        let action = match now {
             None => TagAction::Create,
             Some(d) if d.digest == top.digest => TagAction::Unchanged,
             Some(d) if t.immutable => TagAction::Conflict { existing: d.digest },
             Some(d) => TagAction::Move { from: d.digest },
         };
-        tags.push(TagPlan { tag: tag.clone(), action });
+        plan.tags.push(TagPlan { tag: tag.clone(), action });
     }
-    tags.append(&mut plan.tags);
-    plan.tags = tags;
-    plan.manifests_to_copy = work.manifests.len();
+    for (tag, m, action) in digest_tags_now {
+        plan.tags.push(TagPlan { tag: tag.clone(), action });
+        work.digest_tags.push((tag, m));
+    }
+    plan.manifests_to_copy = work.manifests.len() + work.referrer_manifests.len();
     plan.blobs_to_copy = work.blobs.len();
     plan.bytes_to_copy = work.blobs.iter().map(|b| b.size).sum();
     plan.work = Some(work);
@@ -758,155 +848,363 @@ fn fallback_tag(digest: &Digest) -> String {
     format!("sha256-{}", digest.hex())
 }
 
-/// Manifests (children first) and blobs that a manifest reaches.
-#[derive(Default)]
+/// A manifest to put by digest.
+#[derive(Debug, Clone)]
+struct ContentManifest {
+    manifest: FetchedManifest,
+    /// It names other manifests, which must be in the destination first.
+    index: bool,
+}
+
+/// Manifests (children before the indexes that name them) and blobs.
+#[derive(Debug, Default)]
 struct Content {
-    manifests: Vec<FetchedManifest>,
+    manifests: Vec<ContentManifest>,
     blobs: Vec<Descriptor>,
 }
 
+impl Content {
+    /// Add what `other` has that `self` lacks, keeping children first.
+    fn merge(&mut self, other: Content) {
+        for m in other.manifests {
+            if !self.manifests.iter().any(|c| c.manifest.digest == m.manifest.digest) {
+                self.manifests.push(m);
+            }
+        }
+        let mut seen: BTreeSet<Digest> = self.blobs.iter().map(|b| b.digest.clone()).collect();
+        for b in other.blobs {
+            if seen.insert(b.digest.clone()) {
+                self.blobs.push(b);
+            }
+        }
+    }
+}
+
+impl CopyWork {
+    /// Add content the destination lacks; a referrer's manifests go after the image's.
+    fn add(&mut self, content: Content, referrer: bool) {
+        let known = |d: &Digest, w: &CopyWork| {
+            w.manifests.iter().chain(&w.referrer_manifests).any(|c| c.manifest.digest == *d)
+        };
+        for m in content.manifests {
+            if known(&m.manifest.digest, self) {
+                continue;
+            }
+            if referrer {
+                self.referrer_manifests.push(m);
+            } else {
+                self.manifests.push(m);
+            }
+        }
+        let mut seen: BTreeSet<Digest> = self.blobs.iter().map(|b| b.digest.clone()).collect();
+        for b in content.blobs {
+            if seen.insert(b.digest.clone()) {
+                self.blobs.push(b);
+            }
+        }
+    }
+}
+
+/// The manifests and blobs `m` reaches; an index's children are fetched at once.
 fn collect(
     registry: &dyn Registry,
     repo: &Repository,
     m: &FetchedManifest,
-    out: &mut Content,
     depth: usize,
-) -> Result<(), RegistryError> {
+) -> Result<Content, RegistryError> {
     let invalid = |reason: String| RegistryError::Invalid {
         registry: repo.registry.clone(),
         what: format!("manifest {}@{}", repo.path, m.digest),
         reason,
     };
     let (_, parsed) = oci::parse_manifest(&m.bytes, Some(&m.media_type)).map_err(invalid)?;
-    match parsed {
+    let mut out = Content::default();
+    let index = match parsed {
         ParsedManifest::Image(im) => {
             out.blobs.push(im.config);
             // Foreign layers (with URLs) live outside the registry; they are not copied.
             out.blobs.extend(im.layers.into_iter().filter(|l| l.urls.is_empty()));
+            false
         }
         ParsedManifest::Index(ix) => {
             if depth >= MAX_INDEX_DEPTH {
                 return Err(invalid(format!("indexes nest deeper than {MAX_INDEX_DEPTH} levels")));
             }
+            let mut children: Vec<&Descriptor> = Vec::new();
             for child in &ix.manifests {
-                if out.manifests.iter().any(|c| c.digest == child.digest) {
-                    continue;
+                if !children.iter().any(|c| c.digest == child.digest) {
+                    children.push(child);
                 }
-                let c = registry.get_manifest(repo, &child.digest.to_string())?;
-                collect(registry, repo, &c, out, depth + 1)?;
             }
+            let parts = par_map(&children, |child| {
+                let c = registry.get_manifest(repo, &child.digest.to_string())?;
+                collect(registry, repo, &c, depth + 1)
+            });
+            for part in parts {
+                out.merge(part?);
+            }
+            true
         }
-    }
-    out.manifests.push(m.clone());
-    Ok(())
+    };
+    out.manifests.push(ContentManifest { manifest: m.clone(), index });
+    Ok(out)
 }
 
-/// Add to `work` the manifests and blobs of `content` the destination lacks.
-fn missing_content(
+/// What of `content` the destination lacks; `absent` is its top manifest, already known
+/// to be missing. Blobs that will be mounted are not asked about: the mount answers the
+/// same question (201 whether the blob was linked or already there), so a HEAD first
+/// would only add a round trip. Blobs to stream are, since sending one costs its bytes.
+fn missing(
     registry: &dyn Registry,
     dst: &Repository,
     content: Content,
-    work: &mut CopyWork,
-) -> Result<(), RegistryError> {
-    for m in content.manifests {
-        if work.manifests.iter().any(|w| w.digest == m.digest) {
-            continue;
-        }
-        if registry.head_manifest(dst, &m.digest.to_string())?.is_none() {
-            work.manifests.push(m);
+    absent: &Digest,
+    mount: bool,
+) -> Result<Content, RegistryError> {
+    let manifests_absent = || {
+        par_map(&content.manifests, |m| {
+            if m.manifest.digest == *absent {
+                return Ok(true);
+            }
+            registry.head_manifest(dst, &m.manifest.digest.to_string()).map(|d| d.is_none())
+        })
+    };
+    let blobs_absent =
+        || par_map(&content.blobs, |b| registry.blob_exists(dst, &b.digest).map(|s| s.is_none()));
+    let (manifests_absent, blobs_absent) =
+        if mount { (manifests_absent(), Vec::new()) } else { both(manifests_absent, blobs_absent) };
+    let mut out = Content::default();
+    for (m, a) in content.manifests.into_iter().zip(manifests_absent) {
+        if a? {
+            out.manifests.push(m);
         }
     }
-    let mut seen: BTreeSet<Digest> = work.blobs.iter().map(|b| b.digest.clone()).collect();
-    for b in content.blobs {
-        if !seen.insert(b.digest.clone()) {
-            continue;
-        }
-        if registry.blob_exists(dst, &b.digest)?.is_none() {
-            work.blobs.push(b);
+    if mount {
+        out.blobs = content.blobs;
+    } else {
+        for (b, a) in content.blobs.into_iter().zip(blobs_absent) {
+            if a? {
+                out.blobs.push(b);
+            }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
-/// Put an image's manifests by digest (its blobs are in the destination already).
-fn copy_manifests(
+/// What the destination lacks of a manifest it does not have.
+fn missing_of(
     registry: &dyn Registry,
-    work: &CopyWork,
+    t: &Target,
+    m: &FetchedManifest,
+    mount: bool,
+) -> Result<Content, RegistryError> {
+    let content = collect(registry, &t.src, m, 0)?;
+    missing(registry, &t.dst, content, &m.digest, mount)
+}
+
+/// What copying content needs, shared by every image's thread.
+struct Copier<'a> {
+    registry: &'a dyn Registry,
+    /// Bounds the blob streams between two registries (`--jobs`).
+    streams: Permits,
+    stats: Stats,
+    carriers: Carriers<'a>,
+}
+
+impl<'a> Copier<'a> {
+    /// Copy the missing blobs of image `me` (its position in the work list), then put
+    /// its manifests.
+    fn copy_content(&self, me: usize, work: &'a CopyWork) -> Result<(), RegistryError> {
+        let blobs: Vec<&'a Descriptor> = work.blobs.iter().collect();
+        for r in par_map(&blobs, |b| self.copy_blob(me, work, b)) {
+            r?;
+        }
+        let referrers: BTreeSet<&Digest> = work.referrers.iter().map(|r| &r.digest).collect();
+        // The image before its referrers: a registry may index a referrer by its subject.
+        for group in [&work.manifests, &work.referrer_manifests] {
+            put_manifests(self.registry, &work.dst, group, &referrers, &self.stats)?;
+        }
+        Ok(())
+    }
+
+    /// Mount a blob inside one registry; between two, stream it once per destination
+    /// registry and mount it from there into the other repositories that need it.
+    fn copy_blob(
+        &self,
+        me: usize,
+        work: &'a CopyWork,
+        blob: &'a Descriptor,
+    ) -> Result<(), RegistryError> {
+        let (src, dst) = (&work.src, &work.dst);
+        if src.registry == dst.registry {
+            if self.registry.try_mount_blob(dst, src, &blob.digest)? {
+                self.stats.blobs_mounted.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            return self.stream(work, blob);
+        }
+        let key = (dst.registry.as_str(), &blob.digest);
+        match self.carriers.first.get(&key) {
+            Some(&(carrier, from)) if carrier != me => {
+                if self.carriers.wait(key)
+                    && self.registry.try_mount_blob(dst, from, &blob.digest)?
+                {
+                    self.stats.blobs_mounted.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                // The carrier failed, or the registry does not mount: send the bytes.
+                self.stream(work, blob)
+            }
+            Some(_) => {
+                let mut landing = Landing { carriers: &self.carriers, key, ok: false };
+                self.stream(work, blob)?;
+                landing.ok = true;
+                Ok(())
+            }
+            None => self.stream(work, blob),
+        }
+    }
+
+    /// From one connection to the other; a cut stream starts over from a new GET.
+    fn stream(&self, work: &CopyWork, blob: &Descriptor) -> Result<(), RegistryError> {
+        self.streams.with(|| {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let stream = self.registry.get_blob(&work.src, &blob.digest)?;
+                match self.registry.put_blob_stream(
+                    &work.dst,
+                    &blob.digest,
+                    blob.size,
+                    stream.reader,
+                ) {
+                    Ok(()) => {
+                        self.stats.blobs_streamed.fetch_add(1, Ordering::Relaxed);
+                        self.stats.bytes_streamed.fetch_add(blob.size, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Err(e) => match self.registry.retry_delay(&e, attempt) {
+                        // The registry's retry policy: backoff, Retry-After.
+                        Some(delay) => {
+                            tracing::info!(digest = %blob.digest, error = %e, "blob copy failed; starting over");
+                            std::thread::sleep(delay);
+                        }
+                        None => return Err(e),
+                    },
+                }
+            }
+        })
+    }
+}
+
+/// A fleet shares base layers. Between two registries, the first image (in work order)
+/// that needs a blob in a destination registry carries it there; the other images wait
+/// for it and mount it, so its bytes cross once. Images only ever wait for an earlier
+/// one, which was started first, so the waits cannot form a cycle.
+struct Carriers<'a> {
+    /// (destination registry, digest) → the carrying image and its repository.
+    first: BTreeMap<(&'a str, &'a Digest), (usize, &'a Repository)>,
+    /// Whether each carried blob arrived, once that is known.
+    landed: Mutex<BTreeMap<(&'a str, &'a Digest), bool>>,
+    changed: Condvar,
+}
+
+impl<'a> Carriers<'a> {
+    fn new(work: &[(&'a ImagePlan, &'a CopyWork)]) -> Carriers<'a> {
+        let mut first = BTreeMap::new();
+        for (i, (_, w)) in work.iter().enumerate() {
+            if w.src.registry == w.dst.registry {
+                continue;
+            }
+            for b in &w.blobs {
+                first.entry((w.dst.registry.as_str(), &b.digest)).or_insert((i, &w.dst));
+            }
+        }
+        Carriers { first, landed: Mutex::new(BTreeMap::new()), changed: Condvar::new() }
+    }
+
+    /// Wait until the blob's carrier is done; whether the blob arrived.
+    fn wait(&self, key: (&'a str, &'a Digest)) -> bool {
+        let mut landed = lock(&self.landed);
+        loop {
+            if let Some(ok) = landed.get(&key) {
+                return *ok;
+            }
+            landed = self.changed.wait(landed).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Tells the waiting images how a carried blob's copy ended, however it ends.
+struct Landing<'c, 'a> {
+    carriers: &'c Carriers<'a>,
+    key: (&'a str, &'a Digest),
+    ok: bool,
+}
+
+impl Drop for Landing<'_, '_> {
+    fn drop(&mut self) {
+        lock(&self.carriers.landed).insert(self.key, self.ok);
+        self.carriers.changed.notify_all();
+    }
+}
+
+/// Put manifests by digest: those that name no manifest at once, then the indexes in
+/// order (each after the children listed before it).
+fn put_manifests(
+    registry: &dyn Registry,
+    dst: &Repository,
+    manifests: &[ContentManifest],
+    referrers: &BTreeSet<&Digest>,
     stats: &Stats,
 ) -> Result<(), RegistryError> {
-    let referrers: BTreeSet<&Digest> = work.referrers.iter().map(|r| &r.digest).collect();
-    for m in &work.manifests {
-        registry.put_manifest(&work.dst, &m.digest.to_string(), &m.media_type, &m.bytes)?;
+    let put = |m: &FetchedManifest| -> Result<(), RegistryError> {
+        registry.put_manifest(dst, &m.digest.to_string(), &m.media_type, &m.bytes)?;
         stats.manifests_copied.fetch_add(1, Ordering::Relaxed);
         if referrers.contains(&m.digest) {
             stats.referrers_copied.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
+    };
+    let plain: Vec<&FetchedManifest> =
+        manifests.iter().filter(|m| !m.index).map(|m| &m.manifest).collect();
+    for r in par_map(&plain, |m| put(m)) {
+        r?;
+    }
+    for m in manifests.iter().filter(|m| m.index) {
+        put(&m.manifest)?;
     }
     Ok(())
 }
 
-fn copy_blob(
-    registry: &dyn Registry,
-    src: &Repository,
-    dst: &Repository,
-    blob: &Descriptor,
-    stats: &Stats,
-) -> Result<(), RegistryError> {
-    if src.registry == dst.registry && registry.try_mount_blob(dst, src, &blob.digest)? {
-        stats.blobs_mounted.fetch_add(1, Ordering::Relaxed);
-        return Ok(());
-    }
-    // From one connection to the other; a cut stream starts over from a new GET.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let stream = registry.get_blob(src, &blob.digest)?;
-        match registry.put_blob_stream(dst, &blob.digest, blob.size, stream.reader) {
-            Ok(()) => {
-                stats.blobs_streamed.fetch_add(1, Ordering::Relaxed);
-                stats.bytes_streamed.fetch_add(blob.size, Ordering::Relaxed);
-                return Ok(());
-            }
-            Err(e) => match registry.retry_delay(&e, attempt) {
-                // The registry's retry policy: backoff, Retry-After.
-                Some(delay) => {
-                    tracing::info!(digest = %blob.digest, error = %e, "blob copy failed; starting over");
-                    std::thread::sleep(delay);
-                }
-                None => return Err(e),
-            },
-        }
-    }
-}
-
+/// Immutable tags that another digest took since the plan was made (all asked at once).
 fn recheck_conflicts(
     registry: &dyn Registry,
-    images: &[ImagePlan],
+    work: &[(&ImagePlan, &CopyWork)],
 ) -> Result<Vec<TagConflict>, String> {
+    let checks: Vec<(&ImagePlan, &CopyWork, &Digest, &TagPlan)> = work
+        .iter()
+        .filter_map(|&(img, w)| img.digest.as_ref().map(|d| (img, w, d)))
+        .flat_map(|(img, w, d)| img.tags.iter().map(move |t| (img, w, d, t)))
+        .filter(|(_, _, _, t)| matches!(t.action, TagAction::Create | TagAction::Unchanged))
+        .filter(|(_, _, _, t)| {
+            !(t.tag.starts_with("sha256-")
+                && DIGEST_TAG_SUFFIXES.iter().any(|s| t.tag.ends_with(s)))
+        })
+        .collect();
+    let now = par_map(&checks, |(img, w, _, t)| {
+        registry.head_manifest(&w.dst, &t.tag).map_err(|e| format!("image `{}`: {e}", img.image))
+    });
     let mut out = Vec::new();
-    for img in images {
-        let (Some(work), Some(digest)) = (&img.work, &img.digest) else { continue };
-        for t in &img.tags {
-            if !matches!(t.action, TagAction::Create | TagAction::Unchanged) {
-                continue;
-            }
-            if t.tag.starts_with("sha256-")
-                && DIGEST_TAG_SUFFIXES.iter().any(|s| t.tag.ends_with(s))
-            {
-                continue;
-            }
-            let now = registry
-                .head_manifest(&work.dst, &t.tag)
-                .map_err(|e| format!("image `{}`: {e}", img.image))?;
-            if let Some(d) = now {
-                if d.digest != *digest {
-                    out.push(TagConflict {
-                        image: img.image.clone(),
-                        reference: format!("{}:{}", img.destination, t.tag),
-                        existing: d.digest,
-                        promoted: digest.clone(),
-                    });
-                }
+    for ((img, _, digest, t), now) in checks.iter().zip(now) {
+        if let Some(d) = now? {
+            if d.digest != **digest {
+                out.push(TagConflict {
+                    image: img.image.clone(),
+                    reference: format!("{}:{}", img.destination, t.tag),
+                    existing: d.digest,
+                    promoted: (*digest).clone(),
+                });
             }
         }
     }
@@ -951,21 +1249,193 @@ fn update_referrers_index(registry: &dyn Registry, work: &CopyWork) -> Result<()
     Ok(())
 }
 
-/// Run `f` on every item with at most `jobs` at once.
-fn run_parallel<T: Sync>(jobs: usize, items: &[T], f: impl Fn(&T) + Sync) {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, items.len().max(1)) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(item) = items.get(i) else { break };
-                f(item);
-            });
+/// Run `f` on every item, up to [`REQUESTS_IN_FLIGHT`] at once (the caller's thread
+/// among them), and return the results in item order. What reaches the registry is
+/// bounded by [`Throttled`]; this bounds the threads.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let workers = items.len().min(REQUESTS_IN_FLIGHT);
+    if workers <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { break };
+            done.push((i, f(item)));
         }
+        done
+    };
+    let mut results = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..workers).map(|_| s.spawn(work)).collect();
+        let mut all = work();
+        for h in helpers {
+            all.extend(join(h));
+        }
+        all
     });
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Run `a` and `b` at once.
+fn both<A: Send, B: Send>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
+    std::thread::scope(|s| {
+        let b = s.spawn(b);
+        let a = a();
+        (a, join(b))
+    })
+}
+
+/// A scoped thread's result; its panic goes on in the caller.
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// A counting semaphore.
+struct Permits {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Permits {
+    fn new(n: usize) -> Permits {
+        Permits { free: Mutex::new(n.max(1)), freed: Condvar::new() }
+    }
+
+    /// Run `f` holding one permit, waiting for one if none is free.
+    fn with<R>(&self, f: impl FnOnce() -> R) -> R {
+        {
+            let mut free = lock(&self.free);
+            while *free == 0 {
+                free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+            }
+            *free -= 1;
+        }
+        // Given back on drop, so a panicking `f` does not leak it.
+        let _permit = Permit(self);
+        f()
+    }
+}
+
+struct Permit<'a>(&'a Permits);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.free) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// A registry that takes at most a fixed number of requests at once from this
+/// promotion, however many threads ask. Only leaf calls take a permit, so no thread
+/// waits for one while holding another.
+struct Throttled<'a> {
+    inner: &'a dyn Registry,
+    permits: Permits,
+}
+
+impl<'a> Throttled<'a> {
+    fn new(inner: &'a dyn Registry, in_flight: usize) -> Throttled<'a> {
+        Throttled { inner, permits: Permits::new(in_flight) }
+    }
+}
+
+impl Registry for Throttled<'_> {
+    fn get_manifest(&self, repo: &Repository, reference: &str) -> RegistryResult<FetchedManifest> {
+        self.permits.with(|| self.inner.get_manifest(repo, reference))
+    }
+
+    fn head_manifest(
+        &self,
+        repo: &Repository,
+        reference: &str,
+    ) -> RegistryResult<Option<Descriptor>> {
+        self.permits.with(|| self.inner.head_manifest(repo, reference))
+    }
+
+    fn put_manifest(
+        &self,
+        repo: &Repository,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> RegistryResult<Digest> {
+        self.permits.with(|| self.inner.put_manifest(repo, reference, media_type, bytes))
+    }
+
+    fn blob_exists(&self, repo: &Repository, digest: &Digest) -> RegistryResult<Option<u64>> {
+        self.permits.with(|| self.inner.blob_exists(repo, digest))
+    }
+
+    fn get_blob(&self, repo: &Repository, digest: &Digest) -> RegistryResult<BlobStream> {
+        self.permits.with(|| self.inner.get_blob(repo, digest))
+    }
+
+    fn put_blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        size: u64,
+        path: &Path,
+    ) -> RegistryResult<()> {
+        self.permits.with(|| self.inner.put_blob(repo, digest, size, path))
+    }
+
+    fn mount_blob(
+        &self,
+        repo: &Repository,
+        from: &Repository,
+        digest: &Digest,
+        size: u64,
+        path: &Path,
+    ) -> RegistryResult<MountOutcome> {
+        self.permits.with(|| self.inner.mount_blob(repo, from, digest, size, path))
+    }
+
+    fn try_mount_blob(
+        &self,
+        repo: &Repository,
+        from: &Repository,
+        digest: &Digest,
+    ) -> RegistryResult<bool> {
+        self.permits.with(|| self.inner.try_mount_blob(repo, from, digest))
+    }
+
+    fn put_blob_stream(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        size: u64,
+        reader: Box<dyn Read + Send>,
+    ) -> RegistryResult<()> {
+        self.permits.with(|| self.inner.put_blob_stream(repo, digest, size, reader))
+    }
+
+    fn list_tags(&self, repo: &Repository) -> RegistryResult<Vec<String>> {
+        self.permits.with(|| self.inner.list_tags(repo))
+    }
+
+    fn referrers(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> RegistryResult<ImageIndex> {
+        self.permits.with(|| self.inner.referrers(repo, digest, artifact_type))
+    }
+
+    fn referrers_api(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+    ) -> RegistryResult<Option<ImageIndex>> {
+        self.permits.with(|| self.inner.referrers_api(repo, digest))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The guarded values are plain collections; a panic elsewhere leaves them consistent.
+    // The guarded values are plain counters; a panic elsewhere leaves them consistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
