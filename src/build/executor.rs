@@ -1000,7 +1000,7 @@ impl Executor<'_> {
                         .open_blob(&desc.digest)
                         .map_err(|e| std::io::Error::other(e.to_string()))
                 })
-                .map_err(|e| io("extracting a base layer", &e))?;
+                .map_err(|e| io(&format!("extracting layer {}", desc.digest), &e))?;
                 lower_dirs.push(dir);
             }
             let scratch = tempfile::Builder::new()

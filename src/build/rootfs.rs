@@ -15,8 +15,8 @@ pub enum RootfsError {
     Read { digest: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error(transparent)]
-    Layer(#[from] crate::layer::LayerError),
+    #[error("extracting layer {digest}: {source}")]
+    Layer { digest: String, source: crate::layer::LayerError },
 }
 
 /// Normalise a tar entry name to `a/b/c` (no `./`, no leading or trailing `/`).
@@ -82,7 +82,8 @@ pub fn flatten(store: &Store, layers: &[Descriptor], dest: &Path) -> Result<(), 
         let blob = store.open_blob(&desc.digest)?;
         let (_, tar) = decompress(blob)
             .map_err(|source| RootfsError::Read { digest: desc.digest.to_string(), source })?;
-        extract_layer(tar, dest, ExtractMode::Apply)?;
+        extract_layer(tar, dest, ExtractMode::Apply)
+            .map_err(|source| RootfsError::Layer { digest: desc.digest.to_string(), source })?;
     }
     Ok(())
 }

@@ -14,6 +14,21 @@ use super::extract::{extract_layer, ExtractMode};
 use super::LayerError;
 use crate::digest::{Digest, HashingReader};
 
+/// Create `dir` (and missing parents) or tighten it to mode 0700. Snapshots hold what base
+/// images put in them, owners and modes kept: setuid-root programs and, when extracted as
+/// root, device nodes. Reachable by other users of the machine, those would hand them the
+/// image author's programs running as root and raw access to devices; so, as containerd
+/// and docker keep their snapshot roots, only the store's owner may enter.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7700))?;
+    }
+    Ok(())
+}
+
 /// Length of the ids [`snapshot_id`] gives: overlay lowerdir options live in one page,
 /// so short paths allow deep images.
 pub const SNAPSHOT_ID_LEN: usize = 12;
@@ -52,6 +67,8 @@ pub fn ensure_snapshot<R: Read>(
             "a snapshot id is {SNAPSHOT_ID_LEN} to 64 lowercase hex digits of the layer's diffID"
         )));
     }
+    // Before looking: a store made before snapshots were private is tightened too.
+    private_dir(snapshots_dir).map_err(|e| io_fail("creating the snapshots directory", e))?;
     let target = snapshots_dir.join(id);
     match fs::symlink_metadata(&target) {
         Ok(m) if m.is_dir() => return Ok(target),
@@ -59,8 +76,7 @@ pub fn ensure_snapshot<R: Read>(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_fail("looking for the snapshot", e)),
     }
-    fs::create_dir_all(snapshots_dir)
-        .map_err(|e| io_fail("creating the snapshots directory", e))?;
+    // Extraction happens in a tempdir below, which is 0700 like `private_dir`.
     fs::create_dir_all(tmp_dir).map_err(|e| io_fail("creating the temporary directory", e))?;
 
     // Dropped (and removed) on every path that does not rename it into place.
@@ -108,5 +124,23 @@ pub fn ensure_snapshot<R: Read>(
             snapshots_dir.display()
         ))),
         Err(e) => Err(io_fail("moving the snapshot into place", e.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshots_directory_is_made_and_kept_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("a/snapshots");
+        private_dir(&fresh).unwrap();
+        assert_eq!(fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o700);
+        let old = tmp.path().join("old");
+        fs::create_dir(&old).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&old).unwrap();
+        assert_eq!(fs::metadata(&old).unwrap().permissions().mode() & 0o777, 0o700);
     }
 }
