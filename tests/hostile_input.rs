@@ -752,3 +752,31 @@ fn a_truncated_compressed_base_layer_is_an_error() {
     assert_eq!(code, Some(1), "{err}");
     assert_contains("truncated gzip", &err, &["app", "Dockerfile:2:", &d[7..19]]);
 }
+
+// ---- hostile registries -------------------------------------------------------------
+
+/// A token service is input too: one that answers with a token lifetime no clock can
+/// hold must not crash ferry.
+#[test]
+fn a_token_lifetime_beyond_any_clock_is_not_a_crash() {
+    let registry = TestRegistry::start(RegistryOptions::default());
+    publish_raw(&registry, "lib/bb", &[busybox_layer()]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let me = listener.local_addr().unwrap().to_string();
+    let gate = common::FaultProxy::start_with(listener, &registry.host, move |r| {
+        if r.path.starts_with("/token") {
+            let body = format!(r#"{{"token": "t0k", "expires_in": {}}}"#, u64::MAX);
+            return common::Action::Body(body.into_bytes(), vec![]);
+        }
+        if r.header("authorization") == Some("Bearer t0k") {
+            return common::Action::Forward;
+        }
+        let challenge = format!("Bearer realm=\"http://{me}/token\",service=\"gate\"");
+        common::Action::Respond(401, vec![("WWW-Authenticate".into(), challenge)])
+    });
+    let store = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let image = format!("{}/lib/bb:1", gate.host);
+    let (code, _, err) = run(work.path(), store.path(), &["pull", &image]);
+    assert_eq!(code, Some(0), "{err}");
+}
