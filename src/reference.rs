@@ -61,10 +61,16 @@ impl Repository {
     pub fn familiar(&self) -> String {
         if self.registry == DEFAULT_REGISTRY {
             // Only an official image (`library/<one component>`) loses the prefix: the short
-            // form of `library/a/b` would be read back as `docker.io/a/b`.
-            match self.path.strip_prefix("library/") {
-                Some(official) if !official.contains('/') => official.to_string(),
-                _ => self.path.clone(),
+            // form of `library/a/b` would be read back as `docker.io/a/b`. And a path whose
+            // first component looks like a host (`docker.io/example.com/x`) keeps the
+            // registry, or it would be read back as that host.
+            let short = match self.path.strip_prefix("library/") {
+                Some(official) if !official.contains('/') => official,
+                _ => &self.path,
+            };
+            match split_registry(short) {
+                (None, _) => short.to_string(),
+                (Some(_), _) => format!("{}/{}", self.registry, self.path),
             }
         } else {
             format!("{}/{}", self.registry, self.path)
@@ -428,6 +434,8 @@ mod tests {
             "alpine",
             "docker.io/x/library/y",
             "ghcr.io/library/z",
+            "docker.io/lcker.io/e/nraa/b",
+            "docker.io/localhost/x",
         ] {
             let r = p(input);
             let again = p(&r.familiar());
@@ -435,6 +443,7 @@ mod tests {
         }
         assert_eq!(p("library/a/b").familiar(), "library/a/b:latest");
         assert_eq!(p("docker.io/library/alpine").familiar(), "alpine:latest");
+        assert_eq!(p("docker.io/example.com/x").familiar(), "docker.io/example.com/x:latest");
     }
 
     #[test]
