@@ -37,10 +37,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(names(&sentinel).is_empty(), "something was written through a symlink");
     // Make sure the temp dir can be removed whatever modes the archive set.
     for e in walk(&dest) {
-        let _ = std::fs::set_permissions(
-            &e,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        );
+        let _ = std::fs::set_permissions(&e, std::os::unix::fs::PermissionsExt::from_mode(0o755));
     }
 });
 
