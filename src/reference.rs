@@ -60,7 +60,18 @@ impl Repository {
     /// The name as docker shows it: `alpine` for `docker.io/library/alpine`.
     pub fn familiar(&self) -> String {
         if self.registry == DEFAULT_REGISTRY {
-            self.path.strip_prefix("library/").unwrap_or(&self.path).to_string()
+            // Only an official image (`library/<one component>`) loses the prefix: the short
+            // form of `library/a/b` would be read back as `docker.io/a/b`. And a path whose
+            // first component looks like a host (`docker.io/example.com/x`) keeps the
+            // registry, or it would be read back as that host.
+            let short = match self.path.strip_prefix("library/") {
+                Some(official) if !official.contains('/') => official,
+                _ => &self.path,
+            };
+            match split_registry(short) {
+                (None, _) => short.to_string(),
+                (Some(_), _) => format!("{}/{}", self.registry, self.path),
+            }
         } else {
             format!("{}/{}", self.registry, self.path)
         }
@@ -412,6 +423,27 @@ mod tests {
         assert_eq!(e(&"a".repeat(300)).part, ReferencePart::Repository);
         let msg = e("alpine:bad!tag").to_string();
         assert!(msg.contains("tag") && msg.contains("'!'"), "{msg}");
+    }
+
+    /// Found by the `reference` fuzz target: a printed name must parse back to itself.
+    #[test]
+    fn familiar_names_parse_back_to_the_same_repository() {
+        for input in [
+            "docker.io/library/alpio/library/alpine:3.19",
+            "library/a/b",
+            "alpine",
+            "docker.io/x/library/y",
+            "ghcr.io/library/z",
+            "docker.io/lcker.io/e/nraa/b",
+            "docker.io/localhost/x",
+        ] {
+            let r = p(input);
+            let again = p(&r.familiar());
+            assert_eq!(again.repository, r.repository, "{input} → {}", r.familiar());
+        }
+        assert_eq!(p("library/a/b").familiar(), "library/a/b:latest");
+        assert_eq!(p("docker.io/library/alpine").familiar(), "alpine:latest");
+        assert_eq!(p("docker.io/example.com/x").familiar(), "docker.io/example.com/x:latest");
     }
 
     #[test]

@@ -1042,7 +1042,7 @@ impl Executor<'_> {
         self.layer_step(state, key, created_by.clone(), || {
             let io = |what: &str, e: &dyn std::fmt::Display| err(format!("{what}: {e}"));
             let lower_dirs = MergedView::open(self.store, &lower_layers, &lower_diff_ids)
-                .map_err(|e| io("extracting a base layer", &e))?
+                .map_err(|e| io("the layers RUN starts from", &e))?
                 .into_layer_dirs();
             let tmp = self.store.tmp_dir();
             std::fs::create_dir_all(&tmp).map_err(|e| io("store tmp", &e))?;

@@ -15,9 +15,16 @@ pub enum RootfsError {
     Read { digest: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error(transparent)]
-    Layer(#[from] crate::layer::LayerError),
+    #[error("extracting layer {digest}: {source}")]
+    Layer { digest: String, source: crate::layer::LayerError },
+    #[error("{path} in layer {digest} is {size} bytes; more than the {MAX_READ_FILE} read from an image")]
+    TooLarge { path: String, digest: String, size: u64 },
 }
+
+/// The largest file [`read_file`] reads into memory. It reads account databases
+/// (/etc/passwd, /etc/group), a few kilobytes in real images; a base image claiming one of
+/// gigabytes (a few bytes once compressed) must not exhaust memory.
+pub const MAX_READ_FILE: u64 = 16 * 1024 * 1024;
 
 /// Normalise a tar entry name to `a/b/c` (no `./`, no leading or trailing `/`).
 fn normalise(name: &str) -> String {
@@ -62,6 +69,14 @@ pub fn read_file(
                 }
             } else if name == want {
                 if entry.header().entry_type().is_file() {
+                    let size = entry.header().size().map_err(err)?;
+                    if size > MAX_READ_FILE {
+                        return Err(RootfsError::TooLarge {
+                            path: path.to_string(),
+                            digest: desc.digest.to_string(),
+                            size,
+                        });
+                    }
                     let mut content = Vec::new();
                     entry.read_to_end(&mut content).map_err(err)?;
                     return Ok(Some(content));
@@ -82,7 +97,8 @@ pub fn flatten(store: &Store, layers: &[Descriptor], dest: &Path) -> Result<(), 
         let blob = store.open_blob(&desc.digest)?;
         let (_, tar) = decompress(blob)
             .map_err(|source| RootfsError::Read { digest: desc.digest.to_string(), source })?;
-        extract_layer(tar, dest, ExtractMode::Apply)?;
+        extract_layer(tar, dest, ExtractMode::Apply)
+            .map_err(|source| RootfsError::Layer { digest: desc.digest.to_string(), source })?;
     }
     Ok(())
 }
@@ -148,6 +164,25 @@ fn lookup(file: &[u8], name: &str) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_file_refuses_a_file_too_large_to_hold_in_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("store")).unwrap();
+        // A header claiming 1 GiB and no data: the claim alone is refused, nothing is read.
+        let mut header = tar::Header::new_ustar();
+        header.set_path("etc/passwd").unwrap();
+        header.set_size(1 << 30);
+        header.set_mode(0o644);
+        header.set_cksum();
+        let mut layer = header.as_bytes().to_vec();
+        layer.extend_from_slice(&[0u8; 1024]);
+        let digest = store.put_blob_bytes(&layer, None).unwrap();
+        let desc = Descriptor::new(crate::oci::media_type::OCI_LAYER, digest, layer.len() as u64);
+        let err = read_file(&store, &[desc], "/etc/passwd").unwrap_err();
+        assert!(matches!(err, RootfsError::TooLarge { size: 1073741824, .. }), "{err}");
+        assert!(err.to_string().contains("/etc/passwd in layer sha256:"), "{err}");
+    }
 
     #[test]
     fn owners_resolve_by_number_and_name() {

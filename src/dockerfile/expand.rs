@@ -47,7 +47,7 @@ impl Lexer {
         used: &mut Used,
     ) -> Result<String, ExpandError> {
         let chars: Vec<char> = word.chars().collect();
-        let mut p = Parser { chars: &chars, pos: 0, escape: self.escape, vars, used };
+        let mut p = Parser { chars: &chars, pos: 0, escape: self.escape, vars, used, depth: 0 };
         let (out, _) = p.word(&[])?;
         Ok(out)
     }
@@ -128,7 +128,13 @@ struct Parser<'a> {
     escape: char,
     vars: &'a Vars,
     used: &'a mut Used,
+    /// `${…}` nesting at the current position: each level recurses, so it is bounded.
+    depth: usize,
 }
+
+/// Deepest `${a:-${b:-…}}` nesting accepted. Real Dockerfiles nest two or three levels;
+/// unbounded recursion would let a word overflow the stack, which aborts the process.
+const MAX_NESTING: usize = 64;
 
 impl Parser<'_> {
     fn peek(&self) -> Option<char> {
@@ -248,6 +254,19 @@ impl Parser<'_> {
 
     /// After `${`.
     fn braced(&mut self) -> Result<String, ExpandError> {
+        if self.depth >= MAX_NESTING {
+            return Err(ExpandError::BadSubstitution(format!(
+                "${{{}…: nested more than {MAX_NESTING} levels deep",
+                self.rest()
+            )));
+        }
+        self.depth += 1;
+        let result = self.braced_inner();
+        self.depth -= 1;
+        result
+    }
+
+    fn braced_inner(&mut self) -> Result<String, ExpandError> {
         let name = self.name();
         if name.is_empty() {
             return Err(ExpandError::BadSubstitution(format!("${{{}", self.rest())));
@@ -319,6 +338,24 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each `${` level recursed without bound: a long enough word overflowed the stack.
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let lexer = Lexer::default();
+        let deep = format!("{}x{}", "${A:-".repeat(100_000), "}".repeat(100_000));
+        // A thread with a small stack, as the build's workers have.
+        let err = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || lexer.expand_word(&deep, &Vars::new()))
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("nested more than 64 levels"), "{err}");
+        let ok = format!("{}x{}", "${A:-".repeat(64), "}".repeat(64));
+        assert_eq!(lexer.expand_word(&ok, &Vars::new()).unwrap(), "x");
+    }
 
     fn vars() -> Vars {
         [("A", "a"), ("EMPTY", ""), ("SP", "x y")]

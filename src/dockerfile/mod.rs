@@ -387,7 +387,7 @@ impl Converter<'_> {
         // Legacy form: `ENV KEY some value` (no '=' in the first word).
         if !words[0].contains('=') {
             let key = words[0].clone();
-            let value = raw.trim_start()[key.len()..].trim().to_string();
+            let value = raw.trim_start().get(key.len()..).unwrap_or_default().trim().to_string();
             if value.is_empty() && what == "ENV" {
                 return Err(self.error(span, format!("ENV {key} needs a value"), "missing value"));
             }
@@ -582,13 +582,18 @@ fn mask_run_heredocs(text: &str) -> (String, std::collections::BTreeMap<usize, S
     while i < lines.len() {
         let line = lines[i];
         let trimmed = line.trim_start();
-        let is_run = trimmed.len() > 4 && trimmed[..4].eq_ignore_ascii_case("run ");
-        if !is_run {
+        // `get`: the line's fifth byte may be inside a multi-byte character.
+        let Some(rest) = trimmed
+            .get(..4)
+            .filter(|k| k.eq_ignore_ascii_case("run "))
+            .and_then(|_| trimmed.get(4..))
+            .filter(|r| !r.is_empty())
+        else {
             i += 1;
             continue;
-        }
+        };
         // The command after `RUN` and its `--flags`.
-        let mut command = trimmed[4..].trim_start();
+        let mut command = rest.trim_start();
         while command.starts_with("--") {
             command = command.split_once(char::is_whitespace).map_or("", |(_, r)| r).trim_start();
         }
@@ -773,6 +778,21 @@ mod tests {
         }
         assert_eq!(ins[1].line, 7, "line numbers after the here-documents are kept");
         assert_eq!(heredoc_delimiters("a <<< x <<\"Q\" y"), vec![("Q".to_string(), false)]);
+    }
+
+    /// Found by the `dockerfile` fuzz target: a multi-byte character where a RUN keyword's
+    /// space would be was sliced through.
+    #[test]
+    fn multi_byte_characters_next_to_keywords_are_no_panic() {
+        for text in [
+            "FROM scratch\nRUN\u{db} x\n",
+            "FROM scratch\nrun\u{db}\n",
+            "FROM scratch\nENV \u{a0}K v\n",
+            "FROM scratch\nLABEL \u{2003}k\u{e9} v\n",
+        ] {
+            let _ = parse(text);
+        }
+        assert!(parse("FROM scratch\nRUN\u{db} x\n").is_err());
     }
 
     #[test]

@@ -16,6 +16,21 @@ use super::extract::{extract_layer, ExtractMode};
 use super::LayerError;
 use crate::digest::{Digest, HashingReader};
 
+/// Create `dir` (and missing parents) or tighten it to mode 0700. Snapshots hold what base
+/// images put in them, owners and modes kept: setuid-root programs and, when extracted as
+/// root, device nodes. Reachable by other users of the machine, those would hand them the
+/// image author's programs running as root and raw access to devices; so, as containerd
+/// and docker keep their snapshot roots, only the store's owner may enter.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7700))?;
+    }
+    Ok(())
+}
+
 /// Length of the ids [`snapshot_id`] gives: overlay lowerdir options live in one page,
 /// so short paths allow deep images.
 pub const SNAPSHOT_ID_LEN: usize = 12;
@@ -54,6 +69,8 @@ pub fn ensure_snapshot<R: Read>(
             "a snapshot id is {SNAPSHOT_ID_LEN} to 64 lowercase hex digits of the layer's diffID"
         )));
     }
+    // Before looking: a store made before snapshots were private is tightened too.
+    private_dir(snapshots_dir).map_err(|e| io_fail("creating the snapshots directory", e))?;
     let target = snapshots_dir.join(id);
     let boot = boot_id();
     if is_dir(&target).map_err(|e| io_fail("looking for the snapshot", e))?
@@ -61,8 +78,7 @@ pub fn ensure_snapshot<R: Read>(
     {
         return Ok(target);
     }
-    fs::create_dir_all(snapshots_dir)
-        .map_err(|e| io_fail("creating the snapshots directory", e))?;
+    // Extraction happens in a tempdir below, which is 0700 like `private_dir`.
     fs::create_dir_all(tmp_dir).map_err(|e| io_fail("creating the temporary directory", e))?;
     // One extraction per layer at a time; a second caller waits and then finds it done.
     let lock = fs::OpenOptions::new()
@@ -227,4 +243,22 @@ pub fn prune_snapshots(
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshots_directory_is_made_and_kept_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("a/snapshots");
+        private_dir(&fresh).unwrap();
+        assert_eq!(fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o700);
+        let old = tmp.path().join("old");
+        fs::create_dir(&old).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&old).unwrap();
+        assert_eq!(fs::metadata(&old).unwrap().permissions().mode() & 0o777, 0o700);
+    }
 }

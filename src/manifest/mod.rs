@@ -142,6 +142,13 @@ impl Manifest {
         Manifest::validate_source(file, root, ContextCheck::Required)
     }
 
+    /// Parse and validate images.toml text without reading the disk: every rule is checked
+    /// except that contexts and Dockerfiles exist. For callers that hold only the text
+    /// (tools, the fuzz targets).
+    pub fn parse_text(file: SourceFile, root: &Path) -> Result<Manifest, ManifestError> {
+        Manifest::validate_source(file, root, ContextCheck::Skipped)
+    }
+
     fn validate_source(
         file: SourceFile,
         root: &Path,

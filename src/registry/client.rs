@@ -417,7 +417,8 @@ impl RegistryClient {
                     reason: "it has no token".to_string(),
                 }
             })?;
-        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(20) - 10);
+        // At most a day: the value is the token service's, and an Instant cannot hold any.
+        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(20, 86_400) - 10);
         let secret = Secret::new(token);
         lock(&self.tokens)
             .insert(token_key(&ep.api_host, scopes), (secret.clone(), Instant::now() + lifetime));

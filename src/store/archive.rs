@@ -64,6 +64,9 @@ fn null_vec<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
 /// straight into the store as a blob.
 const SMALL_FILE_MAX: u64 = 8 * 1024 * 1024;
 
+/// The largest manifest or config `load` reads (as the registry client and gc do).
+const MANIFEST_MAX: u64 = 16 * 1024 * 1024;
+
 impl Store {
     /// Write `images` to `out` (atomically: a failed save leaves no file behind).
     pub fn save_archive(
@@ -322,7 +325,9 @@ impl Store {
             if let Ok(index) = serde_json::from_slice::<ImageIndex>(&files.small["index.json"]) {
                 for d in self.flatten_index(index.manifests) {
                     if let Ok(img) = self.image(&d) {
-                        if img.blobs().iter().all(|b| self.has_blob(b)) {
+                        // An exact manifest that does not hold up is ignored: the entry's
+                        // own layers (checked against its diffIDs) make a new one.
+                        if self.verify_loaded(&d).is_ok() {
                             exact.insert(img.id().clone(), img.descriptor.clone());
                         }
                     }
@@ -419,24 +424,14 @@ impl Store {
     ) -> Result<Vec<LoadedImage>> {
         let index: ImageIndex = serde_json::from_slice(&files.small["index.json"])
             .map_err(|e| archive_err(format!("index.json is not valid: {e}")))?;
+        // Everything is checked before anything is named: a bad image fails the whole load.
+        for entry in &index.manifests {
+            self.verify_loaded(entry).map_err(|reason| {
+                archive_err(format!("index.json names {}: {reason}", entry.digest))
+            })?;
+        }
         let mut loaded = Vec::new();
         for entry in index.manifests {
-            let mut missing = Vec::new();
-            let mut queue = vec![entry.digest.clone()];
-            while let Some(d) = queue.pop() {
-                if self.has_blob(&d) {
-                    queue.extend(self.children(&d)?);
-                } else {
-                    missing.push(d.to_string());
-                }
-            }
-            if !missing.is_empty() {
-                return Err(archive_err(format!(
-                    "index.json names {} but the archive lacks {}",
-                    entry.digest,
-                    missing.join(", ")
-                )));
-            }
             let ref_name = entry.annotations.get(ANNOTATION_REF_NAME);
             let full = entry.annotations.get(ANNOTATION_CONTAINERD_NAME);
             // docker 25+ writes a bare tag as ref.name and the full name for containerd.
@@ -459,6 +454,137 @@ impl Store {
             loaded.push(LoadedImage { names, digest: desc.digest.clone(), id });
         }
         Ok(loaded)
+    }
+
+    /// Check that every blob `root` reaches is in the store and is what its descriptor
+    /// says: its size, and for an image, that each layer uncompresses to the diffID its
+    /// config lists (digests themselves were checked as the blobs were stored). Without
+    /// this, an archive that lies would be named in the store and fail later, far from
+    /// its cause: in a build, a push, or another tool reading the store.
+    fn verify_loaded(&self, root: &Descriptor) -> std::result::Result<(), String> {
+        let mut missing = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut queue = vec![(root.clone(), true)];
+        while let Some((d, is_root)) = queue.pop() {
+            if !seen.insert(d.digest.clone()) {
+                continue;
+            }
+            let Some(size) = self.blob_size(&d.digest).map_err(|e| e.to_string())? else {
+                missing.push(d.digest.to_string());
+                continue;
+            };
+            if size != d.size {
+                return Err(format!(
+                    "{} is {size} bytes where its descriptor says size {}",
+                    d.digest, d.size
+                ));
+            }
+            let is_manifest =
+                media_type::is_manifest(&d.media_type) || media_type::is_index(&d.media_type);
+            if !is_root && !is_manifest {
+                continue;
+            }
+            if size > MANIFEST_MAX {
+                return Err(format!("manifest {} is {size} bytes, too large", d.digest));
+            }
+            let bytes = self.read_blob(&d.digest).map_err(|e| e.to_string())?;
+            let (_, parsed) = oci::parse_manifest(&bytes, Some(&d.media_type))
+                .map_err(|reason| format!("manifest {}: {reason}", d.digest))?;
+            match parsed {
+                ParsedManifest::Index(i) => {
+                    queue.extend(i.manifests.into_iter().map(|m| (m, false)));
+                    queue.extend(i.subject.map(|s| (s, false)));
+                }
+                ParsedManifest::Image(m) => {
+                    queue.push((m.config.clone(), false));
+                    queue.extend(m.layers.iter().cloned().map(|l| (l, false)));
+                    queue.extend(m.subject.clone().map(|s| (s, false)));
+                    // Sizes first: a config or layer that is not there, or not the size it
+                    // claims, is reported as such rather than as a wrong diffID.
+                    if self.verify_sizes(&m)? {
+                        self.verify_diff_ids(&d.digest, &m)?;
+                    }
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("the archive lacks {}", missing.join(", ")))
+        }
+    }
+
+    /// Whether the config and layers of `m` are all stored (the walk reports those that
+    /// are not), erring on one of the wrong size.
+    fn verify_sizes(&self, m: &ImageManifest) -> std::result::Result<bool, String> {
+        let mut all = true;
+        for d in std::iter::once(&m.config).chain(&m.layers) {
+            match self.blob_size(&d.digest).map_err(|e| e.to_string())? {
+                None => all = false,
+                Some(size) if size != d.size => {
+                    return Err(format!(
+                        "{} is {size} bytes where its descriptor says size {}",
+                        d.digest, d.size
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(all)
+    }
+
+    /// Each layer of an image against the diffID its config lists.
+    fn verify_diff_ids(
+        &self,
+        manifest_digest: &Digest,
+        m: &ImageManifest,
+    ) -> std::result::Result<(), String> {
+        if !oci::is_image_config(&m.config.media_type) {
+            return Ok(()); // an artifact: its "layers" are not filesystem layers
+        }
+        if m.config.size > MANIFEST_MAX {
+            return Err(format!(
+                "config {} is {} bytes, too large",
+                m.config.digest, m.config.size
+            ));
+        }
+        let config: ImageConfig =
+            serde_json::from_slice(&self.read_blob(&m.config.digest).map_err(|e| e.to_string())?)
+                .map_err(|e| format!("config {} is not an image config: {e}", m.config.digest))?;
+        let diff_ids = &config.rootfs.diff_ids;
+        if diff_ids.len() != m.layers.len() {
+            return Err(format!(
+                "manifest {manifest_digest} has {} layers but its config {} diffIDs",
+                m.layers.len(),
+                diff_ids.len()
+            ));
+        }
+        for (layer, diff_id) in m.layers.iter().zip(diff_ids) {
+            let Some(compression) = Compression::of_layer_media_type(&layer.media_type) else {
+                continue;
+            };
+            let actual = if compression == Compression::None {
+                layer.digest.clone()
+            } else {
+                let path = self.blob_path(&layer.digest);
+                let blob = self.open_blob(&layer.digest).map_err(|e| e.to_string())?;
+                let mut dec = compression
+                    .decoder(BufReader::new(blob))
+                    .map_err(|e| format!("layer {}: {e}", layer.digest))?;
+                let mut w = crate::digest::HashingWriter::new(io::sink());
+                io::copy(&mut dec, &mut w).map_err(|e| {
+                    format!("layer {} ({}): cannot decompress: {e}", layer.digest, path.display())
+                })?;
+                w.finish().0
+            };
+            if actual != *diff_id {
+                return Err(format!(
+                    "layer {} uncompresses to {actual}, not to the diffID {diff_id} its config lists",
+                    layer.digest
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn name_loaded(&self, desc: &Descriptor, names: &[String]) -> Result<()> {
