@@ -379,3 +379,23 @@ fn prune_removes_the_snapshots_of_layers_the_store_no_longer_has() {
     let report = build_json(dir.path(), store.path(), &[]);
     assert_eq!(report["steps_built"], 0, "{report}");
 }
+
+#[test]
+fn a_bind_mount_cannot_follow_a_context_symlink_out_of_the_context() {
+    for rw in ["", ",rw"] {
+        let child = format!(
+            "FROM bb\nRUN --mount=type=bind,source=out,target=/x{rw} cat /x/hostname > /leak\n"
+        );
+        let dir = project(&[
+            ("images.toml", MANIFEST),
+            ("bb/Dockerfile", BUSYBOX_BASE),
+            ("child/Dockerfile", &child),
+        ]);
+        std::os::unix::fs::symlink("/etc", dir.path().join("child/out")).unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let out = ferry(dir.path()).arg("--store").arg(store.path()).arg("build").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a bind mount{rw} read the host's /etc");
+        assert!(stderr.contains("Dockerfile:2: source \"out\" is outside build context"), "{stderr}");
+    }
+}
