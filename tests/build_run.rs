@@ -396,6 +396,9 @@ fn a_bind_mount_cannot_follow_a_context_symlink_out_of_the_context() {
         let out = ferry(dir.path()).arg("--store").arg(store.path()).arg("build").output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "a bind mount{rw} read the host's /etc");
-        assert!(stderr.contains("Dockerfile:2: source \"out\" is outside build context"), "{stderr}");
+        assert!(
+            stderr.contains("Dockerfile:2: source \"out\" is outside build context"),
+            "{stderr}"
+        );
     }
 }
