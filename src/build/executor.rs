@@ -394,11 +394,7 @@ impl Executor<'_> {
             ProgressEvent::Step { stage: ctx.index, line: ins.line, text: &text },
         );
         let started = Instant::now();
-        let step_err = |message: String| BuildError::Step {
-            file: df.file.name.clone(),
-            line: ins.line,
-            message,
-        };
+        let step_err = step_error(df, ins);
         let lexer = Lexer { escape: df.escape };
         let vars = config::expansion_vars(&state.args, &state.config);
         let status = match &ins.kind {
@@ -567,11 +563,7 @@ impl Executor<'_> {
         text: &str,
     ) -> Result<StepStatus, BuildError> {
         let df = ctx.df;
-        let err = |message: String| BuildError::Step {
-            file: df.file.name.clone(),
-            line: ins.line,
-            message,
-        };
+        let err = step_error(df, ins);
         let lexer = Lexer { escape: df.escape };
         let keyword = if is_add { "ADD" } else { "COPY" };
         let mut from = None;
@@ -945,11 +937,7 @@ impl Executor<'_> {
         ins: &Instruction,
     ) -> Result<StepStatus, BuildError> {
         let df = ctx.df;
-        let err = |message: String| BuildError::Step {
-            file: df.file.name.clone(),
-            line: ins.line,
-            message,
-        };
+        let err = step_error(df, ins);
         let lexer = Lexer { escape: df.escape };
         let shell = if state.config.shell.is_empty() {
             config::default_shell()
@@ -1329,6 +1317,11 @@ impl Executor<'_> {
             steps,
         })
     }
+}
+
+/// The error of one instruction: `file:line: message`.
+fn step_error<'a>(df: &'a Dockerfile, ins: &'a Instruction) -> impl Fn(String) -> BuildError + 'a {
+    move |message| BuildError::Step { file: df.file.name.clone(), line: ins.line, message }
 }
 
 /// Add a layer to the stage: the filesystem is now `key`.
