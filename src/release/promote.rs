@@ -1413,6 +1413,11 @@ impl Registry for Throttled<'_> {
         self.permits.with(|| self.inner.put_blob_stream(repo, digest, size, reader))
     }
 
+    // Not a request: the inner client's policy (Retry-After, backoff), which the trait's
+    // default would replace with a plain backoff.
+    fn retry_delay(&self, error: &RegistryError, attempt: u32) -> Option<std::time::Duration> {
+        self.inner.retry_delay(error, attempt)
+    }
     fn list_tags(&self, repo: &Repository) -> RegistryResult<Vec<String>> {
         self.permits.with(|| self.inner.list_tags(repo))
     }
