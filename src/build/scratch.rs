@@ -91,7 +91,7 @@ pub fn bind_source(
     }
 }
 
-/// Copy a file or directory tree, symlinks as symlinks.
+/// Copy a file or directory tree, symlinks as symlinks (special files are left out).
 fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     let meta = fs::symlink_metadata(from)?;
     if meta.is_dir() {
@@ -103,7 +103,10 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
         fs::set_permissions(to, meta.permissions())
     } else if meta.file_type().is_symlink() {
         std::os::unix::fs::symlink(fs::read_link(from)?, to)
-    } else {
+    } else if meta.is_file() {
         fs::copy(from, to).map(|_| ())
+    } else {
+        // A fifo or socket in the context: reading it would block or fail; leave it out.
+        Ok(())
     }
 }
