@@ -178,10 +178,15 @@ impl MergedView {
     /// `path` with every symlink on it followed inside the image (a link never leads out:
     /// `..` stops at the root, an absolute target starts again from it).
     pub fn resolve(&self, path: &str) -> Result<String, String> {
+        self.walk(path).map(|(resolved, _)| resolved)
+    }
+
+    /// [`resolve`](Self::resolve), with the image paths of the symlinks it followed.
+    fn walk(&self, path: &str) -> Result<(String, Vec<String>), String> {
         let mut pending: VecDeque<String> =
             path.split('/').filter(|c| !c.is_empty()).map(str::to_string).collect();
         let mut current: Vec<String> = Vec::new();
-        let mut links = 0;
+        let mut links = Vec::new();
         while let Some(component) = pending.pop_front() {
             match component.as_str() {
                 "." => continue,
@@ -191,13 +196,12 @@ impl MergedView {
                 }
                 _ => current.push(component),
             }
-            let Some(PathInfo { kind: PathKind::Symlink(target), .. }) =
-                self.get(&current.join("/"))
-            else {
+            let rel = current.join("/");
+            let Some(PathInfo { kind: PathKind::Symlink(target), .. }) = self.get(&rel) else {
                 continue;
             };
-            links += 1;
-            if links > MAX_SYMLINKS {
+            links.push(rel);
+            if links.len() > MAX_SYMLINKS {
                 return Err(format!("{path}: too many levels of symbolic links in the image"));
             }
             current.pop();
@@ -209,69 +213,35 @@ impl MergedView {
             rest.extend(pending.drain(..));
             pending = rest;
         }
-        Ok(format!("/{}", current.join("/")))
+        Ok((format!("/{}", current.join("/")), links))
     }
 
     /// Recreate under `dest` what a copy of `path` reads: the symlinks met on the way to it
     /// (so that resolving `path` in `dest` leads where it leads in the image), its parent
     /// directories, and the whole tree at its end. Files are hard links to the snapshots
     /// (copies across filesystems), so the tree must only be read. A path that does not
-    /// exist brings nothing; the reader of `dest` reports it.
+    /// exist brings nothing more; the reader of `dest` reports it.
     pub fn bring(&self, path: &str, dest: &Path) -> io::Result<()> {
-        let mut pending: VecDeque<String> =
-            path.split('/').filter(|c| !c.is_empty()).map(str::to_string).collect();
-        let mut current: Vec<String> = Vec::new();
-        let mut links = 0;
-        if pending.is_empty() {
+        let (resolved, links) = self.walk(path).map_err(io::Error::other)?;
+        for link in links {
+            let target = dest.join(&link);
+            if let (Some(node), Err(_)) = (self.lookup(&link)?, fs::symlink_metadata(&target)) {
+                fs::create_dir_all(target.parent().unwrap_or(dest))?;
+                place(&node, &target)?;
+            }
+        }
+        let rel = resolved.trim_start_matches('/');
+        if rel.is_empty() {
             return self.bring_tree("", &self.root_layers(), dest);
         }
-        while let Some(component) = pending.pop_front() {
-            match component.as_str() {
-                "." => continue,
-                ".." => {
-                    current.pop();
-                    continue;
-                }
-                _ => current.push(component),
-            }
-            let rel = current.join("/");
-            let Some(node) = self.lookup(&rel)? else { return Ok(()) };
-            let target = dest.join(&rel);
-            let file_type = node.meta.file_type();
-            if file_type.is_symlink() {
-                let link = fs::read_link(&node.host)?;
-                if fs::symlink_metadata(&target).is_err() {
-                    place(&node, &target)?;
-                }
-                links += 1;
-                if links > MAX_SYMLINKS {
-                    return Ok(());
-                }
-                current.pop();
-                let link = link.to_string_lossy().to_string();
-                if link.starts_with('/') {
-                    current.clear();
-                }
-                let mut rest: VecDeque<String> =
-                    link.split('/').filter(|c| !c.is_empty()).map(str::to_string).collect();
-                rest.extend(pending.drain(..));
-                pending = rest;
-            } else if file_type.is_dir() {
-                if pending.is_empty() {
-                    return self.bring_tree(&rel, &node.dir_layers, &target);
-                }
-                if fs::symlink_metadata(&target).is_err() {
-                    fs::create_dir_all(&target)?;
-                }
-            } else {
-                if pending.is_empty() && fs::symlink_metadata(&target).is_err() {
-                    if let Some(parent) = target.parent() {
-                        fs::create_dir_all(parent)?;
-                    }
-                    place(&node, &target)?;
-                }
-                return Ok(());
-            }
+        let Some(node) = self.lookup(rel)? else { return Ok(()) };
+        let target = dest.join(rel);
+        if node.meta.is_dir() {
+            return self.bring_tree(rel, &node.dir_layers, &target);
+        }
+        if fs::symlink_metadata(&target).is_err() {
+            fs::create_dir_all(target.parent().unwrap_or(dest))?;
+            place(&node, &target)?;
         }
         Ok(())
     }
