@@ -12,6 +12,7 @@ pub mod graph;
 pub mod layer;
 pub mod manifest;
 pub mod oci;
+pub mod permits;
 pub mod plan;
 pub mod reference;
 pub mod registry;

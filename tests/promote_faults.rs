@@ -315,3 +315,46 @@ fn persistent_faults_a_lying_source_and_timeouts_fail_the_promotion_and_move_no_
     assert!(out.status.success(), "200ms per answer is fine: {}", stderr(&out));
     assert_promoted(&dst, &digests);
 }
+
+/// A destination that takes connections and drops them unanswered (a registry stopped
+/// behind a load balancer): the host is found unreachable once, after its retries, and
+/// every image fails at once with that error instead of each retrying the connection
+/// (with the default backoff, a fleet took minutes to fail).
+#[test]
+fn an_unreachable_destination_is_given_up_on_once_for_the_whole_fleet() {
+    let staging_reg = TestRegistry::start(RegistryOptions::default());
+    let work = tempfile::tempdir().unwrap();
+    let mut images = Vec::new();
+    for (seed, name) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
+        let dest = format!("acme-staging/acme/{name}:1.0.0-rc");
+        publish(&staging_reg, work.path(), name, seed as u64 + 1, 1, 1000, &dest);
+        images.push((*name, "1.0.0"));
+    }
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_host = dead.local_addr().unwrap().to_string();
+    let connections = Arc::new(Mutex::new(0usize));
+    let counted = connections.clone();
+    std::thread::spawn(move || {
+        for conn in dead.incoming() {
+            *counted.lock().unwrap() += 1;
+            drop(conn);
+        }
+    });
+    let project = Project::new(&images, &envs(&staging_reg.host, &dead_host));
+    let out = project
+        .ferry
+        .command()
+        .arg("-C")
+        .arg(project.path())
+        .env("FERRY_REGISTRY_RETRIES", "2")
+        .env("FERRY_REGISTRY_BACKOFF", "0.05")
+        .args(["promote", "--from", "staging", "--to", "prod"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = error_text(&out);
+    assert!(err.contains(&format!("cannot reach registry {dead_host}")), "{err}");
+    // One check of the host: an HTTPS try, then plain HTTP three times (two retries).
+    let n = *connections.lock().unwrap();
+    assert!((2..=4).contains(&n), "{n} connections for {} images: {err}", images.len());
+}

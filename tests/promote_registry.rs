@@ -212,3 +212,98 @@ fn across_two_registries_a_shared_blob_crosses_once() {
         .unwrap();
     assert!(out.status.success(), "skopeo copy from prod: {}", stderr(&out));
 }
+
+/// What a promotion asks the registry. Into a fresh destination: one tag listing per image
+/// and no HEAD of any destination manifest; the referrers API, which this registry lacks,
+/// once for the whole fleet. Into a destination that holds some of the tags: only those
+/// are asked about, and the plan still says where each moves from.
+#[test]
+fn a_promotion_asks_only_what_it_cannot_know() {
+    let reg = TestRegistry::start(RegistryOptions::default());
+    let proxy = FaultProxy::start(&reg.host, |_, _, _| Action::Forward);
+    let work = tempfile::tempdir().unwrap();
+    let names = ["api", "web", "worker"];
+    for (seed, name) in names.iter().enumerate() {
+        let dest = format!("acme-staging/acme/{name}:1.0.0-rc");
+        publish(&reg, work.path(), name, seed as u64 + 1, 1, 20_000, &dest);
+    }
+    let envs = |version: &str| {
+        let images: Vec<(&str, &str)> = names.iter().map(|n| (*n, "1.0.0")).collect();
+        let mut images = images;
+        images[0].1 = version;
+        Project::new(
+            &images,
+            &format!(
+                r#"
+[environments.staging]
+registry = "{0}/acme-staging"
+tags = ["{{version}}-rc"]
+
+[environments.prod]
+registry = "{0}/acme-prod"
+tags = ["{{version}}", "{{major}}.{{minor}}", "latest"]
+promote_from = "staging"
+"#,
+                proxy.host
+            ),
+        )
+    };
+    let project = envs("1.0.0");
+    let before = proxy.requests().len();
+    let out = project.run(&["--json", "promote", "--from", "staging", "--to", "prod"]);
+    assert!(out.status.success(), "promote failed: {}", stderr(&out));
+    let seen = proxy.requests()[before..].to_vec();
+    let to_prod = |r: &SeenRequest| r.path.starts_with("/v2/acme-prod/");
+    let heads: Vec<_> = seen.iter().filter(|r| r.method == "HEAD" && to_prod(r)).collect();
+    assert!(heads.is_empty(), "a fresh destination was asked about manifests: {heads:#?}");
+    let listings = seen.iter().filter(|r| to_prod(r) && r.path.contains("/tags/list")).count();
+    assert_eq!(listings, names.len(), "{seen:#?}");
+    let referrers = seen.iter().filter(|r| r.path.contains("/referrers/")).count();
+    assert_eq!(referrers, 1, "the referrers API was asked more than once: {seen:#?}");
+    for name in names {
+        assert_eq!(
+            tags_of(&reg.host, &format!("acme-prod/acme/{name}")),
+            ["1.0", "1.0.0", "latest"]
+        );
+    }
+
+    // api 1.0.1: its 1.0 and latest exist in prod (and move), 1.0.1 does not.
+    let api_old = digest_of(&reg.host, "acme-prod/acme/api", "1.0.0").unwrap();
+    let api_new = publish(&reg, work.path(), "api", 9, 1, 20_000, "acme-staging/acme/api:1.0.1-rc");
+    let project = envs("1.0.1");
+    let before = proxy.requests().len();
+    let out = project.run(&["--json", "promote", "--from", "staging", "--to", "prod"]);
+    assert!(out.status.success(), "promote failed: {}", stderr(&out));
+    let seen = proxy.requests()[before..].to_vec();
+    let asked = |path: &str| {
+        seen.iter().filter(|r| r.method == "HEAD" && r.path == format!("/v2/{path}")).count()
+    };
+    assert_eq!(asked("acme-prod/acme/api/manifests/1.0.1"), 0, "{seen:#?}");
+    assert_eq!(asked("acme-prod/acme/api/manifests/1.0"), 1, "{seen:#?}");
+    assert_eq!(asked("acme-prod/acme/api/manifests/latest"), 1, "{seen:#?}");
+    // No tag names the new digest, so whether prod has it is asked.
+    assert_eq!(asked(&format!("acme-prod/acme/api/manifests/{api_new}")), 1, "{seen:#?}");
+    // web's tags all name its digest already: that proves the manifest is there.
+    assert_eq!(asked("acme-prod/acme/web/manifests/latest"), 1, "{seen:#?}");
+    let web_digest_heads = seen
+        .iter()
+        .filter(|r| {
+            r.method == "HEAD" && r.path.starts_with("/v2/acme-prod/acme/web/manifests/sha256:")
+        })
+        .count();
+    assert_eq!(web_digest_heads, 0, "{seen:#?}");
+
+    let report = json(&out);
+    let api = report["images"].as_array().unwrap().iter().find(|i| i["image"] == "api").unwrap();
+    assert_eq!(api["status"], "copy");
+    let tags = &api["tags"];
+    assert_eq!(tags[0], serde_json::json!({"tag": "1.0.1", "action": "create"}));
+    assert_eq!(tags[1], serde_json::json!({"tag": "1.0", "action": "move", "from": api_old}));
+    assert_eq!(tags[2], serde_json::json!({"tag": "latest", "action": "move", "from": api_old}));
+    let web = report["images"].as_array().unwrap().iter().find(|i| i["image"] == "web").unwrap();
+    assert_eq!(web["status"], "already_there");
+    for tag in ["1.0.1", "1.0", "latest"] {
+        assert_eq!(digest_of(&reg.host, "acme-prod/acme/api", tag).as_deref(), Some(&*api_new));
+    }
+    assert_eq!(digest_of(&reg.host, "acme-prod/acme/api", "1.0.0").as_deref(), Some(&*api_old));
+}

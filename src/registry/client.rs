@@ -30,7 +30,13 @@ use super::credentials::{Credential, DockerConfigFile, Secret};
 use super::{seconds, BlobStream, FetchedManifest, MountOutcome, Registry, RegistryError, Result};
 use crate::digest::Digest;
 use crate::oci::{self, media_type, Descriptor, ImageIndex};
+use crate::permits::Permits;
 use crate::reference::{Repository, DEFAULT_REGISTRY, DOCKER_HUB_API_HOST};
+
+/// How many requests one client has in flight at once, however many threads ask: enough
+/// to keep a registry busy with small requests (a promotion's mounts and manifest PUTs),
+/// few enough not to swamp it.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 32;
 
 /// Manifests are small; refuse to buffer anything larger.
 const MANIFEST_MAX: u64 = 16 * 1024 * 1024;
@@ -45,6 +51,30 @@ pub struct UploadPolicy {
 impl Default for UploadPolicy {
     fn default() -> UploadPolicy {
         UploadPolicy { monolithic_max: 32 * 1024 * 1024, chunk_size: 16 * 1024 * 1024 }
+    }
+}
+
+/// How a host's API check failed, kept to fail later requests to it the same way.
+#[derive(Debug, Clone)]
+enum ProbeFailure {
+    Unreachable { reason: String },
+    Timeout { tries: u32 },
+}
+
+impl ProbeFailure {
+    fn error(&self, registry: &str, timeout: Duration) -> RegistryError {
+        match self {
+            ProbeFailure::Unreachable { reason } => RegistryError::Unreachable {
+                registry: registry.to_string(),
+                reason: reason.clone(),
+            },
+            ProbeFailure::Timeout { tries } => RegistryError::Timeout {
+                registry: registry.to_string(),
+                what: "GET /v2/ (the API check)".to_string(),
+                after: timeout,
+                tries: *tries,
+            },
+        }
     }
 }
 
@@ -72,14 +102,27 @@ pub struct RegistryClient {
     explicit: Mutex<HashMap<String, Credential>>,
     clients: Mutex<HashMap<(String, bool), Client>>,
     bases: Mutex<HashMap<String, Url>>,
+    /// Hosts whose API check failed after its retries: later requests fail at once the same
+    /// way, instead of each waiting out the backoff again (a fleet of images behind one
+    /// stopped registry took minutes to fail).
+    unreachable: Mutex<HashMap<String, ProbeFailure>>,
     /// Held while a client is built or a host probed, so that threads starting together
     /// build one client and send one probe instead of one each.
     building: Mutex<()>,
     probing: Mutex<()>,
     auth: Mutex<HashMap<String, HostAuth>>,
+    /// Per API host: whether it serves the OCI referrers API. The spec forbids a registry
+    /// that has it to answer 404, so one 404 settles it for the host; the first asker
+    /// finds out (holding `referrers_probing`) while the others wait for its answer.
+    referrers_api: Mutex<HashMap<String, bool>>,
+    referrers_probing: Mutex<()>,
     tokens: Mutex<HashMap<String, (Secret, Instant)>>,
     retry: RetryPolicy,
     upload: UploadPolicy,
+    /// Taken for each request until its response headers arrive (not while a download's
+    /// body is read: a thread streaming one registry's blob into another's upload holds
+    /// only the upload's).
+    in_flight: Permits,
 }
 
 impl RegistryClient {
@@ -93,12 +136,16 @@ impl RegistryClient {
             explicit: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             bases: Mutex::new(HashMap::new()),
+            unreachable: Mutex::new(HashMap::new()),
             building: Mutex::new(()),
             probing: Mutex::new(()),
             auth: Mutex::new(HashMap::new()),
+            referrers_api: Mutex::new(HashMap::new()),
+            referrers_probing: Mutex::new(()),
             tokens: Mutex::new(HashMap::new()),
             retry,
             upload: UploadPolicy::default(),
+            in_flight: Permits::new(MAX_REQUESTS_IN_FLIGHT),
         }
     }
 
@@ -181,6 +228,9 @@ impl RegistryClient {
         if let Some(problem) = &self.config.settings_error {
             return Err(cfg_err(problem.clone()));
         }
+        // reqwest is built without a crypto provider: ring's is the process default.
+        // (Err only means one is installed already.)
+        let _ = rustls::crypto::ring::default_provider().install_default();
         // Every request sets its own timeout (an upload gets longer); this one covers the
         // probes and token requests.
         let mut b = Client::builder()
@@ -221,6 +271,9 @@ impl RegistryClient {
         if let Some(b) = lock(&self.bases).get(&ep.api_host) {
             return Ok(b.clone());
         }
+        if let Some(failure) = lock(&self.unreachable).get(&ep.api_host) {
+            return Err(failure.error(&ep.name, self.config.timeout));
+        }
         let parse = |s: String| {
             Url::parse(&s).map_err(|e| RegistryError::Config {
                 registry: ep.name.clone(),
@@ -256,30 +309,24 @@ impl RegistryClient {
                 let mut attempt = 0;
                 loop {
                     attempt += 1;
-                    match client.get(probe.clone()).send() {
+                    let failure = match client.get(probe.clone()).send() {
                         Ok(_) => break http,
                         Err(e) if attempt < self.retry.attempts && transient(&e) => {
                             std::thread::sleep(self.retry.backoff(attempt));
+                            continue;
                         }
-                        Err(e) if e.is_timeout() => {
-                            return Err(RegistryError::Timeout {
-                                registry: ep.name.clone(),
-                                what: "GET /v2/ (the API check)".to_string(),
-                                after: self.config.timeout,
-                                tries: attempt,
-                            })
-                        }
-                        Err(e) => {
-                            return Err(RegistryError::Unreachable {
-                                registry: ep.name.clone(),
-                                reason: format!(
-                                    "HTTPS: {}; HTTP: {}",
-                                    describe(&tls_err),
-                                    describe(&e)
-                                ),
-                            })
-                        }
-                    }
+                        Err(e) if e.is_timeout() => ProbeFailure::Timeout { tries: attempt },
+                        Err(e) => ProbeFailure::Unreachable {
+                            reason: format!(
+                                "HTTPS: {}; HTTP: {}",
+                                describe(&tls_err),
+                                describe(&e)
+                            ),
+                        },
+                    };
+                    let error = failure.error(&ep.name, self.config.timeout);
+                    lock(&self.unreachable).insert(ep.api_host.clone(), failure);
+                    return Err(error);
                 }
             }
         };
@@ -606,7 +653,7 @@ impl RegistryClient {
                 );
             }
             tracing::debug!(registry = %ep.name, %method, path = url.path(), attempt, "request");
-            match req.send() {
+            match self.in_flight.with(|| req.send()) {
                 Err(e) => {
                     let err = self.request_error(ep, &method, &url, &e, attempt);
                     if let Some(delay) = self.retry_delay_for(&err, attempt).filter(|_| retry) {
@@ -887,6 +934,45 @@ impl RegistryClient {
     }
 
     /// The referrers API's answer; None when the registry has no such API (404).
+    /// One page of a tag list and the URL of the next; a repository the registry does not
+    /// know has no tags.
+    fn tag_page(
+        &self,
+        ep: &Endpoint,
+        repo: &Repository,
+        url: &Url,
+    ) -> Result<(Vec<String>, Option<Url>)> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let resp = self.send(
+            ep,
+            &[pull_scope(&repo.path)],
+            Method::GET,
+            url.clone(),
+            HeaderMap::new(),
+            None,
+            true,
+        )?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok((Vec::new(), None));
+        }
+        if !resp.status().is_success() {
+            return Err(self.failure(ep, format!("tags of {}", repo.path), resp));
+        }
+        let next = header_str(resp.headers(), "link")
+            .and_then(|l| next_link(&l))
+            .and_then(|n| url.join(&n).ok());
+        let list: TagList = resp.json().map_err(|e| RegistryError::Invalid {
+            registry: ep.name.clone(),
+            what: format!("tag list of {}", repo.path),
+            reason: describe(&e),
+        })?;
+        Ok((list.tags.unwrap_or_default(), next))
+    }
+
     fn referrers_from_api(
         &self,
         ep: &Endpoint,
@@ -894,6 +980,19 @@ impl RegistryClient {
         digest: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Option<ImageIndex>> {
+        let known = |client: &Self| lock(&client.referrers_api).get(&ep.api_host).copied();
+        let probe_guard = match known(self) {
+            Some(false) => return Ok(None),
+            Some(true) => None,
+            None => {
+                let guard = lock(&self.referrers_probing);
+                match known(self) {
+                    Some(false) => return Ok(None),
+                    Some(true) => None,
+                    None => Some(guard),
+                }
+            }
+        };
         let mut url = self.url(ep, &format!("/v2/{}/referrers/{digest}", repo.path))?;
         if let Some(t) = artifact_type {
             url.query_pairs_mut().append_pair("artifactType", t);
@@ -908,11 +1007,14 @@ impl RegistryClient {
             true,
         )?;
         if resp.status() == StatusCode::NOT_FOUND {
+            lock(&self.referrers_api).insert(ep.api_host.clone(), false);
             return Ok(None);
         }
         if !resp.status().is_success() {
             return Err(self.failure(ep, format!("referrers of {digest}"), resp));
         }
+        lock(&self.referrers_api).insert(ep.api_host.clone(), true);
+        drop(probe_guard);
         let mut bytes = Vec::new();
         resp.take(MANIFEST_MAX).read_to_end(&mut bytes).map_err(|e| {
             RegistryError::Unreachable {
@@ -1146,46 +1248,27 @@ impl Registry for RegistryClient {
     }
 
     fn list_tags(&self, repo: &Repository) -> Result<Vec<String>> {
-        #[derive(serde::Deserialize)]
-        struct TagList {
-            #[serde(default)]
-            tags: Option<Vec<String>>,
-        }
         let ep = self.upstream(&repo.registry);
         let mut url = self.url(&ep, &format!("/v2/{}/tags/list", repo.path))?;
         url.query_pairs_mut().append_pair("n", "1000");
         let mut tags = Vec::new();
         for _page in 0..10_000 {
-            let resp = self.send(
-                &ep,
-                &[pull_scope(&repo.path)],
-                Method::GET,
-                url.clone(),
-                HeaderMap::new(),
-                None,
-                true,
-            )?;
-            if resp.status() == StatusCode::NOT_FOUND {
-                return Ok(tags);
-            }
-            if !resp.status().is_success() {
-                return Err(self.failure(&ep, format!("tags of {}", repo.path), resp));
-            }
-            let next = header_str(resp.headers(), "link")
-                .and_then(|l| next_link(&l))
-                .and_then(|n| url.join(&n).ok());
-            let list: TagList = resp.json().map_err(|e| RegistryError::Invalid {
-                registry: ep.name.clone(),
-                what: format!("tag list of {}", repo.path),
-                reason: describe(&e),
-            })?;
-            tags.extend(list.tags.unwrap_or_default());
+            let (page, next) = self.tag_page(&ep, repo, &url)?;
+            tags.extend(page);
             match next {
                 Some(n) => url = n,
                 None => break,
             }
         }
         Ok(tags)
+    }
+
+    fn tags_page(&self, repo: &Repository, limit: usize) -> Result<(Vec<String>, bool)> {
+        let ep = self.upstream(&repo.registry);
+        let mut url = self.url(&ep, &format!("/v2/{}/tags/list", repo.path))?;
+        url.query_pairs_mut().append_pair("n", &limit.to_string());
+        let (tags, next) = self.tag_page(&ep, repo, &url)?;
+        Ok((tags, next.is_some()))
     }
 
     fn referrers(

@@ -20,7 +20,7 @@ use crate::reference::Repository;
 use crate::store::StoreError;
 
 pub use auth::{parse_challenges, pull_scope, push_scope, Challenge};
-pub use client::{RegistryClient, UploadPolicy};
+pub use client::{RegistryClient, UploadPolicy, MAX_REQUESTS_IN_FLIGHT};
 pub use config::{
     RegistryConfig, RegistryHostConfig, RetryPolicy, DEFAULT_TIMEOUT, MIN_UPLOAD_RATE,
 };
@@ -207,6 +207,13 @@ pub trait Registry: Send + Sync {
     }
     /// Every tag of a repository.
     fn list_tags(&self, repo: &Repository) -> Result<Vec<String>>;
+    /// The first page of a repository's tags, at most `limit` (a registry may send fewer),
+    /// and whether more follow. Enough to learn that a repository has no tags, or which of
+    /// a few tags exist, in one request.
+    fn tags_page(&self, repo: &Repository, limit: usize) -> Result<(Vec<String>, bool)> {
+        let _ = limit;
+        self.list_tags(repo).map(|tags| (tags, false))
+    }
     /// Manifests that refer to `digest` (signatures, SBOMs): the referrers API, else the
     /// `sha256-<hex>` tag schema; an empty index when there are none.
     fn referrers(

@@ -11,8 +11,6 @@
 //! digest) executes nothing at all.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
@@ -21,11 +19,10 @@ use serde::Serialize;
 use crate::digest::Digest;
 use crate::manifest::{Environment, Image, Manifest};
 use crate::oci::{self, Descriptor, ImageIndex, ParsedManifest};
+use crate::permits::Permits;
 use crate::plan::{render_tags, PlanError, SourceInfo};
 use crate::reference::{Reference, Repository};
-use crate::registry::{
-    BlobStream, FetchedManifest, MountOutcome, Registry, RegistryError, Result as RegistryResult,
-};
+use crate::registry::{FetchedManifest, Registry, RegistryError, MAX_REQUESTS_IN_FLIGHT};
 
 /// Tag suffixes of the cosign tag scheme (`sha256-<hex>.sig` …) copied with an image.
 const DIGEST_TAG_SUFFIXES: [&str; 3] = [".sig", ".att", ".sbom"];
@@ -33,11 +30,15 @@ const DIGEST_TAG_SUFFIXES: [&str; 3] = [".sig", ".att", ".sbom"];
 /// Indexes nest rarely and shallowly; deeper nesting is a malformed or hostile index.
 const MAX_INDEX_DEPTH: usize = 4;
 
-/// How many requests a promotion has in flight at once. Its requests are small (reads,
-/// mounts, manifest and tag PUTs) and their cost is latency: a registry on a filesystem
-/// syncs each write, and concurrent writes share one journal commit, so dozens at once
-/// finish in little more time than one. Independent of `--jobs`, which bounds streams.
-const REQUESTS_IN_FLIGHT: usize = 32;
+/// How many threads a promotion asks the registry from at once: as many as the client
+/// sends requests at once. Its requests are small (reads, mounts, manifest and tag PUTs)
+/// and their cost is latency: a registry on a filesystem syncs each write, and concurrent
+/// writes share one journal commit, so dozens at once finish in little more time than one.
+/// Independent of `--jobs`, which bounds streams.
+const REQUESTS_IN_FLIGHT: usize = MAX_REQUESTS_IN_FLIGHT;
+/// How many of the destination's tags one request lists (the registry may send fewer):
+/// enough for all of a repository's tags in most.
+const DESTINATION_TAG_PAGE: usize = 1000;
 
 /// What to promote.
 #[derive(Debug, Clone)]
@@ -282,11 +283,10 @@ impl PromotionPlan {
             report.outcome = Outcome::NothingToDo;
             return report;
         }
-        let registry = Throttled::new(registry, REQUESTS_IN_FLIGHT);
         let work: Vec<(&ImagePlan, &CopyWork)> =
             self.images.iter().filter_map(|img| img.work.as_ref().map(|w| (img, w))).collect();
         let copier = Copier {
-            registry: &registry,
+            registry,
             streams: Permits::new(jobs),
             stats: Stats::default(),
             carriers: Carriers::new(&work),
@@ -311,7 +311,7 @@ impl PromotionPlan {
         // Every manifest is in the destination. Check immutable tags again right before
         // moving any: another promotion may have run since the plan was made.
         if self.immutable {
-            match recheck_conflicts(&registry, &work) {
+            match recheck_conflicts(registry, &work) {
                 Ok(c) if c.is_empty() => {}
                 Ok(c) => {
                     report.outcome = Outcome::Failed;
@@ -349,7 +349,7 @@ impl PromotionPlan {
         };
         let update_indexes = || {
             par_map(&with_referrers, |(img, w)| {
-                update_referrers_index(&registry, w)
+                update_referrers_index(registry, w)
                     .map_err(|e| format!("image `{}`: {e}", img.image))
             })
         };
@@ -528,9 +528,8 @@ pub fn plan(
     }
     // Every image at once: the plan is a few rounds of small reads per image, and a
     // registry answers dozens of them in parallel.
-    let registry = Throttled::new(registry, REQUESTS_IN_FLIGHT);
     let mut results =
-        par_map(&targets, |t| (t.image.clone(), plan_image(&registry, t, request.referrers)));
+        par_map(&targets, |t| (t.image.clone(), plan_image(registry, t, request.referrers)));
     // In name order, as the report lists them (and the first error by name is the one told).
     results.sort_by(|a, b| a.0.cmp(&b.0));
     let images = results.into_iter().map(|(_, r)| r).collect::<Result<Vec<_>, _>>()?;
@@ -661,16 +660,17 @@ fn plan_image(
         error: None,
         work: None,
     };
-    // Three rounds of reads, each round's requests at once: a registry answers a read in
-    // a millisecond, so what a plan costs is how many round trips follow one another.
+    // Three rounds of reads, each round's requests at once: what a request costs is
+    // mostly the registry's own work per request, and then how many round trips follow
+    // one another.
     //
-    // Round 1: the source manifest, what the destination tags name now, and the source's
-    // tags (where the cosign-scheme referrer tags are found).
-    let (top, dst_tags, src_tags) = std::thread::scope(|s| {
-        let dst_tags = s.spawn(|| par_map(&t.dst_tags, |tag| registry.head_manifest(&t.dst, tag)));
+    // Round 1: the source manifest, the source's tags (where the cosign-scheme referrer
+    // tags are found) and the destination's (which of its tags exist).
+    let (top, dst_listing, src_tags) = std::thread::scope(|s| {
+        let dst_listing = s.spawn(|| registry.tags_page(&t.dst, DESTINATION_TAG_PAGE));
         let src_tags = with_referrers.then(|| s.spawn(|| registry.list_tags(&t.src)));
         let top = registry.get_manifest(&t.src, &t.src_reference);
-        (top, join(dst_tags), src_tags.map(join))
+        (top, join(dst_listing), src_tags.map(join))
     });
     let top = match top {
         Ok(m) => m,
@@ -680,21 +680,19 @@ fn plan_image(
         }
         Err(e) => return Err(reg_err(e)),
     };
-    let dst_tags = dst_tags.into_iter().collect::<Result<Vec<_>, _>>().map_err(reg_err)?;
     let src_tags = src_tags.transpose().map_err(reg_err)?.unwrap_or_default();
+    let dst_known = DestinationTags::from_listing(dst_listing, &t.dst_tags);
 
-    // Round 2: what the manifest reaches, whether the destination has it, its referrers.
+    // Round 2: what the manifest reaches, what the destination's tags name and whether it
+    // has the manifest, the referrers.
     let fallback = fallback_tag(&top.digest);
     let digest_tag_names: Vec<String> = DIGEST_TAG_SUFFIXES
         .iter()
         .map(|suffix| format!("{fallback}{suffix}"))
         .filter(|tag| src_tags.contains(tag))
         .collect();
-    // A destination tag that names the digest already proves the manifest is there.
-    let tagged = dst_tags.iter().flatten().any(|d| d.digest == top.digest);
-    let (content, top_present, listed, referrers_index, digest_tags) = std::thread::scope(|s| {
-        let present =
-            (!tagged).then(|| s.spawn(|| registry.head_manifest(&t.dst, &top.digest.to_string())));
+    let (content, dst_now, listed, referrers_index, digest_tags) = std::thread::scope(|s| {
+        let dst_now = s.spawn(|| dst_known.read(registry, &t.dst, &t.dst_tags, &top.digest));
         // The API alone: without it the source's tag list says whether the fallback index
         // exists, and it is read here anyway.
         let listed =
@@ -714,7 +712,7 @@ fn plan_image(
         });
         let content = collect(registry, &t.src, &top, 0);
         let digest_tags = digest_tags.map(join).unwrap_or_default();
-        (content, present.map(join), listed.map(join), index.map(join), digest_tags)
+        (content, join(dst_now), listed.map(join), index.map(join), digest_tags)
     });
     let content = match content {
         Ok(c) => c,
@@ -729,10 +727,7 @@ fn plan_image(
     };
     plan.digest = Some(top.digest.clone());
     plan.media_type = Some(top.media_type.clone());
-    let top_present = match top_present {
-        Some(r) => r.map_err(reg_err)?.is_some(),
-        None => true,
-    };
+    let (dst_tags, top_present) = dst_now.map_err(reg_err)?;
     plan.status = if top_present { ImageStatus::AlreadyThere } else { ImageStatus::Copy };
     let referrers_index = referrers_index.transpose().map_err(reg_err)?;
     let listed = match listed.transpose().map_err(reg_err)? {
@@ -841,6 +836,62 @@ fn plan_image(
     plan.bytes_to_copy = work.blobs.iter().map(|b| b.size).sum();
     plan.work = Some(work);
     Ok(plan)
+}
+
+/// What one request for the destination's tags told about the tags an image gets there.
+enum DestinationTags {
+    /// The repository has no tags: a fresh destination, nothing to ask about.
+    None,
+    /// These of the image's tags (in order) exist and are asked where they point.
+    Some(Vec<bool>),
+}
+
+impl DestinationTags {
+    /// From the first page of the destination's tags. When the page is not the whole list,
+    /// or the registry would not list tags, every tag is asked about.
+    fn from_listing(
+        listing: Result<(Vec<String>, bool), RegistryError>,
+        tags: &[String],
+    ) -> DestinationTags {
+        match listing {
+            Ok((page, false)) if page.is_empty() => DestinationTags::None,
+            Ok((page, false)) => {
+                DestinationTags::Some(tags.iter().map(|t| page.contains(t)).collect())
+            }
+            Ok((_, true)) => DestinationTags::Some(vec![true; tags.len()]),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the destination's tags; asking for each");
+                DestinationTags::Some(vec![true; tags.len()])
+            }
+        }
+    }
+
+    /// What each tag names now, and whether the destination has the manifest `digest`:
+    /// known when a tag names it, else asked. A repository without tags is taken not to
+    /// have it (it may hold it untagged, after an interrupted promotion; then the copy
+    /// mounts and puts again what is there, which changes nothing).
+    fn read(
+        &self,
+        registry: &dyn Registry,
+        dst: &Repository,
+        tags: &[String],
+        digest: &Digest,
+    ) -> Result<(Vec<Option<Descriptor>>, bool), RegistryError> {
+        let exists = match self {
+            DestinationTags::None => return Ok((vec![None; tags.len()], false)),
+            DestinationTags::Some(exists) => exists,
+        };
+        let asked: Vec<&String> =
+            tags.iter().zip(exists).filter(|(_, e)| **e).map(|(t, _)| t).collect();
+        let mut answers = par_map(&asked, |tag| registry.head_manifest(dst, tag)).into_iter();
+        let mut now = Vec::with_capacity(tags.len());
+        for e in exists {
+            now.push(if *e { answers.next().transpose()?.flatten() } else { None });
+        }
+        let present = now.iter().flatten().any(|d| d.digest == *digest)
+            || registry.head_manifest(dst, &digest.to_string())?.is_some();
+        Ok((now, present))
+    }
 }
 
 /// The tag of the OCI referrers fallback scheme (and the stem of cosign's tags).
@@ -1251,7 +1302,7 @@ fn update_referrers_index(registry: &dyn Registry, work: &CopyWork) -> Result<()
 
 /// Run `f` on every item, up to [`REQUESTS_IN_FLIGHT`] at once (the caller's thread
 /// among them), and return the results in item order. What reaches the registry is
-/// bounded by [`Throttled`]; this bounds the threads.
+/// bounded by the client ([`MAX_REQUESTS_IN_FLIGHT`]); this bounds the threads.
 fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let workers = items.len().min(REQUESTS_IN_FLIGHT);
     if workers <= 1 {
@@ -1294,153 +1345,52 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
 }
 
 /// A counting semaphore.
-struct Permits {
-    free: Mutex<usize>,
-    freed: Condvar,
-}
-
-impl Permits {
-    fn new(n: usize) -> Permits {
-        Permits { free: Mutex::new(n.max(1)), freed: Condvar::new() }
-    }
-
-    /// Run `f` holding one permit, waiting for one if none is free.
-    fn with<R>(&self, f: impl FnOnce() -> R) -> R {
-        {
-            let mut free = lock(&self.free);
-            while *free == 0 {
-                free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
-            }
-            *free -= 1;
-        }
-        // Given back on drop, so a panicking `f` does not leak it.
-        let _permit = Permit(self);
-        f()
-    }
-}
-
-struct Permit<'a>(&'a Permits);
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        *lock(&self.0.free) += 1;
-        self.0.freed.notify_one();
-    }
-}
-
-/// A registry that takes at most a fixed number of requests at once from this
-/// promotion, however many threads ask. Only leaf calls take a permit, so no thread
-/// waits for one while holding another.
-struct Throttled<'a> {
-    inner: &'a dyn Registry,
-    permits: Permits,
-}
-
-impl<'a> Throttled<'a> {
-    fn new(inner: &'a dyn Registry, in_flight: usize) -> Throttled<'a> {
-        Throttled { inner, permits: Permits::new(in_flight) }
-    }
-}
-
-impl Registry for Throttled<'_> {
-    fn get_manifest(&self, repo: &Repository, reference: &str) -> RegistryResult<FetchedManifest> {
-        self.permits.with(|| self.inner.get_manifest(repo, reference))
-    }
-
-    fn head_manifest(
-        &self,
-        repo: &Repository,
-        reference: &str,
-    ) -> RegistryResult<Option<Descriptor>> {
-        self.permits.with(|| self.inner.head_manifest(repo, reference))
-    }
-
-    fn put_manifest(
-        &self,
-        repo: &Repository,
-        reference: &str,
-        media_type: &str,
-        bytes: &[u8],
-    ) -> RegistryResult<Digest> {
-        self.permits.with(|| self.inner.put_manifest(repo, reference, media_type, bytes))
-    }
-
-    fn blob_exists(&self, repo: &Repository, digest: &Digest) -> RegistryResult<Option<u64>> {
-        self.permits.with(|| self.inner.blob_exists(repo, digest))
-    }
-
-    fn get_blob(&self, repo: &Repository, digest: &Digest) -> RegistryResult<BlobStream> {
-        self.permits.with(|| self.inner.get_blob(repo, digest))
-    }
-
-    fn put_blob(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        size: u64,
-        path: &Path,
-    ) -> RegistryResult<()> {
-        self.permits.with(|| self.inner.put_blob(repo, digest, size, path))
-    }
-
-    fn mount_blob(
-        &self,
-        repo: &Repository,
-        from: &Repository,
-        digest: &Digest,
-        size: u64,
-        path: &Path,
-    ) -> RegistryResult<MountOutcome> {
-        self.permits.with(|| self.inner.mount_blob(repo, from, digest, size, path))
-    }
-
-    fn try_mount_blob(
-        &self,
-        repo: &Repository,
-        from: &Repository,
-        digest: &Digest,
-    ) -> RegistryResult<bool> {
-        self.permits.with(|| self.inner.try_mount_blob(repo, from, digest))
-    }
-
-    fn put_blob_stream(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        size: u64,
-        reader: Box<dyn Read + Send>,
-    ) -> RegistryResult<()> {
-        self.permits.with(|| self.inner.put_blob_stream(repo, digest, size, reader))
-    }
-
-    // Not a request: the inner client's policy (Retry-After, backoff), which the trait's
-    // default would replace with a plain backoff.
-    fn retry_delay(&self, error: &RegistryError, attempt: u32) -> Option<std::time::Duration> {
-        self.inner.retry_delay(error, attempt)
-    }
-    fn list_tags(&self, repo: &Repository) -> RegistryResult<Vec<String>> {
-        self.permits.with(|| self.inner.list_tags(repo))
-    }
-
-    fn referrers(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        artifact_type: Option<&str>,
-    ) -> RegistryResult<ImageIndex> {
-        self.permits.with(|| self.inner.referrers(repo, digest, artifact_type))
-    }
-
-    fn referrers_api(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-    ) -> RegistryResult<Option<ImageIndex>> {
-        self.permits.with(|| self.inner.referrers_api(repo, digest))
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The guarded values are plain counters; a panic elsewhere leaves them consistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(t: &[&str]) -> Vec<String> {
+        t.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn asked(known: &DestinationTags) -> Option<Vec<bool>> {
+        match known {
+            DestinationTags::None => None,
+            DestinationTags::Some(v) => Some(v.clone()),
+        }
+    }
+
+    #[test]
+    fn a_whole_listing_says_which_tags_to_ask_about() {
+        let ours = tags(&["1.2.0", "1.2", "latest"]);
+        let empty = DestinationTags::from_listing(Ok((Vec::new(), false)), &ours);
+        assert_eq!(asked(&empty), None, "a repository without tags needs no question");
+        let some =
+            DestinationTags::from_listing(Ok((tags(&["1.1.0", "1.1", "latest"]), false)), &ours);
+        assert_eq!(asked(&some), Some(vec![false, false, true]));
+    }
+
+    #[test]
+    fn a_partial_or_failed_listing_asks_about_every_tag() {
+        let ours = tags(&["1.2.0", "latest"]);
+        // More pages follow: a tag missing from the first may be on a later one.
+        let partial = DestinationTags::from_listing(Ok((tags(&["0.1"]), true)), &ours);
+        assert_eq!(asked(&partial), Some(vec![true, true]));
+        let empty_first_page = DestinationTags::from_listing(Ok((Vec::new(), true)), &ours);
+        assert_eq!(asked(&empty_first_page), Some(vec![true, true]));
+        let denied = RegistryError::Status {
+            registry: "r".into(),
+            what: "tags of acme/api".into(),
+            status: 403,
+            detail: String::new(),
+            retry_after: None,
+        };
+        let failed = DestinationTags::from_listing(Err(denied), &ours);
+        assert_eq!(asked(&failed), Some(vec![true, true]));
+    }
 }
