@@ -260,6 +260,16 @@ promote_from = "staging"
     assert_eq!(listings, names.len(), "{seen:#?}");
     let referrers = seen.iter().filter(|r| r.path.contains("/referrers/")).count();
     assert_eq!(referrers, 1, "the referrers API was asked more than once: {seen:#?}");
+    // Within one registry an image without referrers goes in with its tags: no PUT by
+    // digest first (the registry holds these very bytes already).
+    let by_digest: Vec<_> = seen
+        .iter()
+        .filter(|r| r.method == "PUT" && to_prod(r) && r.path.contains("/manifests/sha256:"))
+        .collect();
+    assert!(by_digest.is_empty(), "{by_digest:#?}");
+    let report = json(&out);
+    assert_eq!(report["stats"]["manifests_copied"], names.len());
+    assert_eq!(report["stats"]["tags_moved"], 3 * names.len());
     for name in names {
         assert_eq!(
             tags_of(&reg.host, &format!("acme-prod/acme/{name}")),

@@ -193,6 +193,9 @@ struct CopyWork {
     referrers_index: Option<FetchedManifest>,
     /// Cosign-scheme tags and their manifests.
     digest_tags: Vec<(String, FetchedManifest)>,
+    /// The top manifest is missing and goes in with its tags alone, not by digest first
+    /// (see [`CopyWork::top_goes_with_tags`]).
+    top_with_tags: bool,
 }
 
 /// An immutable tag held by another digest.
@@ -370,6 +373,14 @@ impl PromotionPlan {
         }
         failures.extend(referrer_results.into_iter().filter_map(Result::err));
         report.stats.tags_moved = moved.len() as u64;
+        // A top manifest that went in with its tags was copied when one of them moved.
+        report.stats.manifests_copied += work
+            .iter()
+            .filter(|(img, w)| {
+                w.top_with_tags
+                    && img.tags.iter().any(|t| moved.contains(&(img.image.clone(), t.tag.clone())))
+            })
+            .count() as u64;
         for img in &self.images {
             for t in &img.tags {
                 let now_there = t.action == TagAction::Unchanged
@@ -795,6 +806,7 @@ fn plan_image(
         referrers: Vec::new(),
         referrers_index,
         digest_tags: Vec::new(),
+        top_with_tags: false,
     };
     if let Some(m) = image_missing {
         work.add(m.map_err(reg_err)?, false);
@@ -831,6 +843,7 @@ fn plan_image(
         plan.tags.push(TagPlan { tag: tag.clone(), action });
         work.digest_tags.push((tag, m));
     }
+    work.top_with_tags = work.top_goes_with_tags(&plan.tags);
     plan.manifests_to_copy = work.manifests.len() + work.referrer_manifests.len();
     plan.blobs_to_copy = work.blobs.len();
     plan.bytes_to_copy = work.blobs.iter().map(|b| b.size).sum();
@@ -932,6 +945,23 @@ impl Content {
 }
 
 impl CopyWork {
+    /// Whether the missing top manifest can skip its PUT by digest and go in with its
+    /// first tag PUT. The PUT by digest puts content in before any tag moves, so that a
+    /// registry refusing a manifest (a media type it does not take) fails the promotion
+    /// before anything is tagged. Within one registry that cannot happen: it holds these
+    /// very bytes in the source repository, so a third of the manifest writes would buy
+    /// nothing. Not when referrers are copied (they go in after their subject), nor when
+    /// no image tag is created or moved (nothing else would put it in).
+    fn top_goes_with_tags(&self, tags: &[TagPlan]) -> bool {
+        self.src.registry == self.dst.registry
+            && self.referrer_manifests.is_empty()
+            && self.manifests.iter().any(|m| m.manifest.digest == self.top.digest)
+            && tags.iter().any(|t| {
+                matches!(t.action, TagAction::Create | TagAction::Move { .. })
+                    && !self.digest_tags.iter().any(|(tag, _)| *tag == t.tag)
+            })
+    }
+
     /// Add content the destination lacks; a referrer's manifests go after the image's.
     fn add(&mut self, content: Content, referrer: bool) {
         let known = |d: &Digest, w: &CopyWork| {
@@ -1071,8 +1101,14 @@ impl<'a> Copier<'a> {
             r?;
         }
         let referrers: BTreeSet<&Digest> = work.referrers.iter().map(|r| &r.digest).collect();
+        let image: Vec<ContentManifest> = work
+            .manifests
+            .iter()
+            .filter(|m| !(work.top_with_tags && m.manifest.digest == work.top.digest))
+            .cloned()
+            .collect();
         // The image before its referrers: a registry may index a referrer by its subject.
-        for group in [&work.manifests, &work.referrer_manifests] {
+        for group in [&image, &work.referrer_manifests] {
             put_manifests(self.registry, &work.dst, group, &referrers, &self.stats)?;
         }
         Ok(())
