@@ -99,17 +99,21 @@ impl SourceInfo {
         let env = |names: &[&str]| {
             names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
         };
-        let branch =
-            git(&["rev-parse", "--abbrev-ref", "HEAD"]).filter(|b| b != "HEAD").or_else(|| {
-                env(&["GITHUB_HEAD_REF", "GITHUB_REF_NAME", "CI_COMMIT_REF_NAME", "BRANCH_NAME"])
-            });
+        // One git for both (`--abbrev-ref` applies to the arguments after it): the commit,
+        // then the branch ("HEAD" when detached).
+        let head = git(&["rev-parse", "HEAD", "--abbrev-ref", "HEAD"]);
+        let mut lines = head.as_deref().unwrap_or_default().lines().map(str::to_string);
+        let git_sha = lines.next();
+        let branch = lines.next().filter(|b| b != "HEAD").or_else(|| {
+            env(&["GITHUB_HEAD_REF", "GITHUB_REF_NAME", "CI_COMMIT_REF_NAME", "BRANCH_NAME"])
+        });
         let now = std::env::var("SOURCE_DATE_EPOCH")
             .ok()
             .and_then(|s| s.parse::<i64>().ok())
             .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
             .unwrap_or_else(chrono::Utc::now);
         SourceInfo {
-            git_sha: git(&["rev-parse", "HEAD"]),
+            git_sha,
             branch,
             build: env(&["FERRY_BUILD", "GITHUB_RUN_NUMBER", "CI_PIPELINE_IID", "BUILD_NUMBER"]),
             date: now.format("%Y%m%d").to_string(),
@@ -299,5 +303,41 @@ impl Plan {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn source_info_reads_the_commit_and_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = SourceInfo::discover(dir.path());
+        assert_eq!(none.git_sha, None, "not a repository");
+
+        git(dir.path(), &["init", "-q", "-b", "feature/x"]);
+        git(dir.path(), &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let sha = git(dir.path(), &["rev-parse", "HEAD"]);
+        let info = SourceInfo::discover(dir.path());
+        assert_eq!(info.git_sha.as_deref(), Some(sha.as_str()));
+        assert_eq!(info.branch.as_deref(), Some("feature/x"));
+
+        git(dir.path(), &["checkout", "-q", "--detach"]);
+        let detached = SourceInfo::discover(dir.path());
+        assert_eq!(detached.git_sha.as_deref(), Some(sha.as_str()));
+        assert_ne!(detached.branch.as_deref(), Some("HEAD"), "a detached HEAD is no branch");
     }
 }
