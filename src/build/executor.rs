@@ -1548,6 +1548,7 @@ fn download(url: &str, checksum: Option<&str>) -> Result<Vec<u8>, String> {
         }
         format!("ADD {url}: {message}")
     };
+    crate::registry::use_ring_for_tls();
     let response = reqwest::blocking::get(url).map_err(describe)?;
     if !response.status().is_success() {
         return Err(format!("ADD {url}: the server answered {}", response.status()));

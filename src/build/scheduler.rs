@@ -118,9 +118,22 @@ where
                 st = wake.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let result = work(&name, &inputs);
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&name, &inputs)));
         let mut st = lock();
         st.running -= 1;
+        let result = match result {
+            Ok(result) => result,
+            Err(panic) => {
+                // A bug, not a failure: stop everything, let the other workers see this job
+                // end (or they would wait for it forever), and let the panic go on through
+                // the scope to the caller.
+                st.stopped_by.get_or_insert_with(|| name.clone());
+                drop(st);
+                wake.notify_all();
+                std::panic::resume_unwind(panic);
+            }
+        };
         match result {
             Ok(t) => {
                 st.outcomes.insert(name.clone(), Outcome::Done(t));
@@ -175,6 +188,31 @@ mod tests {
             parents: parents.iter().map(|p| p.to_string()).collect(),
             priority: 0,
         }
+    }
+
+    #[test]
+    fn a_panicking_job_stops_the_run_and_reaches_the_caller() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let started = AtomicUsize::new(0);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&fleet(), 2, true, |name, _: &BTreeMap<String, ()>| -> Result<(), ()> {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    if name == "base" {
+                        panic!("a bug in a step");
+                    }
+                    Ok(())
+                })
+            }));
+            tx.send((r.is_err(), started.load(Ordering::SeqCst))).unwrap();
+        });
+        // Before, the other worker waited for the panicked job forever.
+        let (panicked, started) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the run hung after a job panicked");
+        assert!(panicked, "the panic must reach the caller");
+        // base and tools at most; nothing after base.
+        assert!(started <= 2, "{started} jobs started");
     }
 
     fn fleet() -> Vec<Job> {

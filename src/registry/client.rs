@@ -228,9 +228,7 @@ impl RegistryClient {
         if let Some(problem) = &self.config.settings_error {
             return Err(cfg_err(problem.clone()));
         }
-        // reqwest is built without a crypto provider: ring's is the process default.
-        // (Err only means one is installed already.)
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        super::use_ring_for_tls();
         // Every request sets its own timeout (an upload gets longer); this one covers the
         // probes and token requests.
         let mut b = Client::builder()

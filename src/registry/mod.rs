@@ -141,6 +141,13 @@ pub enum MountOutcome {
     Uploaded,
 }
 
+/// Make ring the process's TLS crypto. reqwest is built without one (see Cargo.toml), and
+/// every HTTP client must be built after this: call it first wherever one is.
+pub fn use_ring_for_tls() {
+    // Err only means a provider is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The OCI distribution operations ferry needs.
 pub trait Registry: Send + Sync {
     /// GET a manifest or index by tag or digest (mirrors first). When `reference` is a
