@@ -1104,12 +1104,10 @@ impl Executor<'_> {
                         .join("\n"),
                 })));
             }
-            let xattrs = match outcome.xattrs {
-                crate::sandbox::OverlayXattrs::Trusted => crate::layer::OverlayXattrs::Trusted,
-                crate::sandbox::OverlayXattrs::User => crate::layer::OverlayXattrs::User,
+            let opts = crate::layer::UpperDirOptions {
+                overlay_xattrs: outcome.xattrs,
+                ..Default::default()
             };
-            let opts =
-                crate::layer::UpperDirOptions { overlay_xattrs: xattrs, ..Default::default() };
             let entries = crate::layer::directory_entries(&upper, &opts)
                 .map_err(|e| io("reading the RUN result", &e))?;
             self.pack(entries, &created_by).map_err(err)

@@ -28,8 +28,6 @@ use super::path::{self, OPAQUE_MARKER, WHITEOUT_PREFIX};
 use super::reader::{Header, Kind, TarReader};
 use super::LayerError;
 
-/// The xattr overlayfs reads to treat a directory of a lower layer as opaque.
-pub(crate) const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// How whiteouts are materialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -439,7 +437,7 @@ impl Extractor {
                 .map_err(|e| self.io_err(h, e))?;
             match self.mode {
                 ExtractMode::OverlayLower => File::from(dir)
-                    .set_xattr(OVERLAY_OPAQUE_XATTR, b"y")
+                    .set_xattr(super::OverlayXattrs::Trusted.opaque_name(), b"y")
                     .map_err(|e| self.io_err(h, e))?,
                 ExtractMode::Apply => {
                     self.clear_lower(h, dir.as_fd(), parent)?;

@@ -10,22 +10,37 @@ use super::entry::{split_dev, EntryKind, LayerEntry};
 use super::sink::{pack_entries, LayerOptions, PackedLayer};
 use super::LayerError;
 
-/// Which xattr namespace the overlay mount used for its bookkeeping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which xattr namespace overlayfs used for its metadata in an upper dir: `trusted.` when
+/// the mount was made by real root, `user.` (the `userxattr` mount option) when rootless,
+/// as unprivileged users cannot write `trusted.` xattrs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum OverlayXattrs {
-    /// `trusted.overlay.*`: a mount made by real root.
     #[default]
     Trusted,
-    /// `user.overlay.*`: a rootless mount (`userxattr` option, in a user namespace).
     User,
 }
 
 impl OverlayXattrs {
-    fn prefix(self) -> &'static str {
+    /// The prefix of every overlayfs-private xattr; the layer writer must not copy these
+    /// into a layer (they mark origins, redirects and opacity, not file content).
+    pub fn prefix(self) -> &'static str {
         match self {
             OverlayXattrs::Trusted => "trusted.overlay.",
             OverlayXattrs::User => "user.overlay.",
         }
+    }
+
+    /// The xattr whose value `y` marks a directory that hides everything below it.
+    pub fn opaque_name(self) -> &'static str {
+        match self {
+            OverlayXattrs::Trusted => "trusted.overlay.opaque",
+            OverlayXattrs::User => "user.overlay.opaque",
+        }
+    }
+
+    /// Whether `dir` (in an upper dir) is an opaque directory.
+    pub fn is_opaque_dir(self, dir: &Path) -> std::io::Result<bool> {
+        Ok(xattr::get(dir, self.opaque_name())?.as_deref() == Some(b"y".as_slice()))
     }
 }
 

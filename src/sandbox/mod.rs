@@ -20,7 +20,7 @@ mod rootfs;
 mod stubs;
 
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -144,38 +144,7 @@ impl std::fmt::Display for ExitStatus {
     }
 }
 
-/// Which xattr namespace overlayfs used for its metadata in the upper dir: `trusted.` when
-/// the sandbox ran with real root, `user.` (the `userxattr` mount option) when rootless, as
-/// unprivileged users cannot write `trusted.` xattrs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum OverlayXattrs {
-    Trusted,
-    User,
-}
-
-impl OverlayXattrs {
-    /// The prefix of every overlayfs-private xattr; the layer writer must not copy these
-    /// into a layer (they mark origins, redirects and opacity, not file content).
-    pub fn prefix(self) -> &'static str {
-        match self {
-            OverlayXattrs::Trusted => "trusted.overlay.",
-            OverlayXattrs::User => "user.overlay.",
-        }
-    }
-
-    /// The xattr whose value `y` marks a directory that hides everything below it.
-    pub fn opaque_name(self) -> &'static str {
-        match self {
-            OverlayXattrs::Trusted => "trusted.overlay.opaque",
-            OverlayXattrs::User => "user.overlay.opaque",
-        }
-    }
-
-    /// Whether `dir` (in an upper dir) is an opaque directory.
-    pub fn is_opaque_dir(self, dir: &Path) -> std::io::Result<bool> {
-        Ok(xattr::get(dir, self.opaque_name())?.as_deref() == Some(b"y".as_slice()))
-    }
-}
+pub use crate::layer::OverlayXattrs;
 
 /// Whether an upper-dir entry is an overlayfs whiteout (a deleted lower entry): a character
 /// device with device number 0/0.
