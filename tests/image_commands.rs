@@ -136,6 +136,32 @@ fn tag_and_rmi_with_the_base_guard() {
     f.ok(&["cache", "verify"]);
 }
 
+/// `ferry tag` resolves its source and names it under the shared gc guard, so an `rmi` of
+/// the source's last name (or a prune), which deletes under the exclusive gc lock, cannot
+/// land in between and leave the new name pointing at removed blobs. Shown by holding the
+/// exclusive lock as prune would: the tag waits for it, then names a complete image.
+#[test]
+fn tag_waits_for_a_running_prune_or_rmi() {
+    let s = setup();
+    let f = &s.ferry;
+    let store = ferry::store::Store::open(&f.store).unwrap();
+    let gc = store.lock("gc").unwrap();
+    let mut tag = f
+        .command()
+        .args(["tag", &s.base_name, "waits:1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(tag.try_wait().unwrap().is_none(), "tag named the image while gc held the store");
+    drop(gc);
+    assert!(tag.wait().unwrap().success());
+    let out = f.ok(&["inspect", "waits:1"]);
+    assert!(out.contains(&s.base.manifest_digest), "{out}");
+    f.ok(&["cache", "verify"]);
+}
+
 #[test]
 fn rmi_force_removes_a_base() {
     let s = setup();

@@ -24,6 +24,10 @@ pub fn run(global: &GlobalArgs, args: TagArgs, printer: &Printer) -> CliResult {
         )));
     }
     let store = open_store(global)?;
+    // From resolving the source to naming it: an `rmi` of its last name (which deletes the
+    // image under the exclusive gc lock) must not land in between and leave the new name
+    // pointing at removed blobs.
+    let _gc = store.gc_guard().map_err(store_error)?;
     let resolved = store.resolve(&args.source).map_err(store_error)?;
     store.set_ref(&target.store_name(), &resolved.descriptor).map_err(store_error)?;
     printer.status(&format!("Tagged {} as {}", args.source, target.familiar()));

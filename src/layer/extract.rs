@@ -28,7 +28,6 @@ use super::path::{self, OPAQUE_MARKER, WHITEOUT_PREFIX};
 use super::reader::{Header, Kind, TarReader};
 use super::LayerError;
 
-
 /// How whiteouts are materialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtractMode {
