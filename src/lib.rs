@@ -4,6 +4,7 @@
 //! `main.rs` only parses arguments, calls in here and prints.
 
 pub mod build;
+pub mod changes;
 pub mod context;
 pub mod diagnostic;
 pub mod digest;

@@ -8,19 +8,13 @@
 //! - with `--since REF`, a changed image must have a greater version than at REF, and no
 //!   version may decrease.
 //!
-//! "Changed since REF" compares git objects, not build outputs: the tree of the image's
-//! context (the working tree's, uncommitted changes included) against REF's, the
-//! Dockerfile's blob when it lives outside the context, the image's own table and
-//! `[defaults]` in images.toml; and an image whose parent changed has changed too. That
-//! needs no build of REF (a second worktree and a cold build would make CI slow); its one
-//! imprecision is conservative: a change to a file the `.dockerignore` excludes counts.
+//! "Changed since REF" is [`crate::changes`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Component, Path, PathBuf};
-use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
+use crate::changes::{self, ChangeError};
 use crate::digest::Digest;
 use crate::graph::Graph;
 use crate::manifest::{Environment, Manifest};
@@ -44,14 +38,6 @@ pub struct Violation {
     pub image: String,
     pub environment: Option<String>,
     pub message: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
-    #[error("--since {git_ref}: {reason}")]
-    Git { git_ref: String, reason: String },
-    #[error("--since {git_ref}: images.toml at {git_ref} is not valid TOML: {reason}")]
-    OldManifest { git_ref: String, reason: String },
 }
 
 /// The versions bumping from `v` gives: (patch, minor, major). A pre-release bumps to its
@@ -179,100 +165,19 @@ pub struct Change {
 }
 
 /// The `--since REF` rules: a changed image's version must increase; none may decrease.
+/// The changes listed are those of images that existed at REF (a new image has no version
+/// to compare with).
 pub fn since_violations(
     manifest: &Manifest,
     graph: &Graph,
     git_ref: &str,
-) -> Result<(Vec<Violation>, Vec<Change>), PolicyError> {
-    let root = &manifest.root;
-    let git_err = |reason: String| PolicyError::Git { git_ref: git_ref.to_string(), reason };
-    let file_name = Path::new(&manifest.file.name)
-        .file_name()
-        .map(|f| f.to_string_lossy().to_string())
-        .unwrap_or_else(|| "images.toml".to_string());
-    let resolved =
-        git(root, &["rev-parse", "--verify", "--quiet", &format!("{git_ref}^{{commit}}")])
-            .map_err(|e| {
-                git_err(format!("not a commit of the repository at {}: {e}", root.display()))
-            })?;
-    let old_text = git(root, &["show", &format!("{resolved}:./{file_name}")]).ok();
-    let old: toml::Table = match &old_text {
-        Some(t) => toml::from_str(t).map_err(|e| PolicyError::OldManifest {
-            git_ref: git_ref.to_string(),
-            reason: e.message().to_string(),
-        })?,
-        // No images.toml at REF: every image is new, nothing to compare.
-        None => return Ok((Vec::new(), Vec::new())),
+) -> Result<(Vec<Violation>, Vec<Change>), ChangeError> {
+    let since = changes::since(manifest, graph, git_ref)?;
+    let Some(old_images) = since.old_images else {
+        return Ok((Vec::new(), Vec::new()));
     };
-    let new: toml::Table = toml::from_str(&manifest.file.text).unwrap_or_default();
-    let old_images = old.get("images").and_then(toml::Value::as_table).cloned().unwrap_or_default();
-    let new_images = new.get("images").and_then(toml::Value::as_table).cloned().unwrap_or_default();
-    let defaults_changed = old.get("defaults") != new.get("defaults");
-    let index = WorkTree::new(root).map_err(git_err)?;
-
-    let mut changes: BTreeMap<String, String> = BTreeMap::new();
-    for node in graph.build_order() {
-        let name = &node.name;
-        let Some(img) = manifest.images.get(name) else { continue };
-        let Some(old_img) = old_images.get(name).and_then(toml::Value::as_table) else {
-            continue; // new since REF
-        };
-        let settings = |t: &toml::Table| {
-            let mut t = t.clone();
-            t.remove("version");
-            t
-        };
-        let new_img =
-            new_images.get(name).and_then(toml::Value::as_table).cloned().unwrap_or_default();
-        let reason = if let Some(parent) = node.parents.iter().find(|p| changes.contains_key(*p)) {
-            Some(format!("its parent `{parent}` changed"))
-        } else if settings(old_img) != settings(&new_img) {
-            Some(format!("its settings in {file_name} changed"))
-        } else if defaults_changed {
-            Some(format!("[defaults] in {file_name} changed"))
-        } else {
-            let context = normalise(&img.context_rel);
-            let old_tree = git(
-                root,
-                &[
-                    "rev-parse",
-                    "--verify",
-                    "--quiet",
-                    &format!("{resolved}:./{}", context.display()),
-                ],
-            )
-            .ok();
-            // A context git cannot write as a tree (nothing tracked in it) counts as changed.
-            let new_tree = index.tree(&context).unwrap_or_default();
-            if old_tree.as_deref() != Some(new_tree.as_str()) {
-                Some(format!("its context {} differs", context.display()))
-            } else {
-                let dockerfile = normalise(&format!("{}/{}", img.context_rel, img.dockerfile_rel));
-                if dockerfile.starts_with(&context) {
-                    None
-                } else {
-                    let old_blob = git(
-                        root,
-                        &[
-                            "rev-parse",
-                            "--verify",
-                            "--quiet",
-                            &format!("{resolved}:./{}", dockerfile.display()),
-                        ],
-                    )
-                    .ok();
-                    let new_blob =
-                        git(root, &["hash-object", "--", &dockerfile.to_string_lossy()]).ok();
-                    (old_blob != new_blob)
-                        .then(|| format!("its Dockerfile {} differs", dockerfile.display()))
-                }
-            }
-        };
-        if let Some(r) = reason {
-            changes.insert(name.clone(), r);
-        }
-    }
-
+    let changes: BTreeMap<String, String> =
+        since.changed.into_iter().filter(|(name, _)| old_images.contains_key(name)).collect();
     let mut violations = Vec::new();
     for (name, img) in &manifest.images {
         let Some(current) = &img.version else { continue };
@@ -307,80 +212,6 @@ pub fn since_violations(
     }
     let changes = changes.into_iter().map(|(image, reason)| Change { image, reason }).collect();
     Ok((violations, changes))
-}
-
-/// `a/./b/` → `a/b`, for git paths.
-fn normalise(rel: &str) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in Path::new(rel).components() {
-        match c {
-            Component::Normal(p) => out.push(p),
-            Component::ParentDir => {
-                out.pop();
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
-    git_with(dir, args, None)
-}
-
-fn git_with(dir: &Path, args: &[&str], index: Option<&Path>) -> Result<String, String> {
-    let mut cmd = Command::new("git");
-    cmd.arg("-C").arg(dir).args(args);
-    if let Some(i) = index {
-        cmd.env("GIT_INDEX_FILE", i);
-    }
-    let out = cmd.output().map_err(|e| format!("cannot run git: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
-/// The working tree as git objects, through a private copy of the index (the user's index
-/// and staging are never touched): `tree(path)` is the tree hash git would commit for it.
-struct WorkTree {
-    root: PathBuf,
-    /// The root's path inside the repository (`""` or `sub/dir/`).
-    prefix: String,
-    index: tempfile::NamedTempFile,
-}
-
-impl WorkTree {
-    fn new(root: &Path) -> Result<WorkTree, String> {
-        let prefix = git(root, &["rev-parse", "--show-prefix"])?;
-        let real = git(root, &["rev-parse", "--git-path", "index"])?;
-        let real =
-            if Path::new(&real).is_absolute() { PathBuf::from(real) } else { root.join(real) };
-        let index = tempfile::NamedTempFile::new()
-            .map_err(|e| format!("cannot create a temp index: {e}"))?;
-        if real.is_file() {
-            std::fs::copy(&real, index.path())
-                .map_err(|e| format!("cannot copy the git index: {e}"))?;
-        } else {
-            // No index yet: git reads a missing file as empty, not an empty one.
-            let _ = std::fs::remove_file(index.path());
-        }
-        Ok(WorkTree { root: root.to_path_buf(), prefix, index })
-    }
-
-    fn tree(&self, rel: &Path) -> Result<String, String> {
-        let rel_s = rel.to_string_lossy();
-        let spec = if rel_s.is_empty() { ".".to_string() } else { rel_s.to_string() };
-        git_with(&self.root, &["add", "-A", "--", &spec], Some(self.index.path()))?;
-        let full = format!("{}{}", self.prefix, rel_s);
-        let mut args = vec!["write-tree".to_string()];
-        if !full.is_empty() {
-            args.push(format!("--prefix={}/", full.trim_end_matches('/')));
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        git_with(&self.root, &args, Some(self.index.path()))
-    }
 }
 
 #[cfg(test)]
