@@ -13,7 +13,8 @@ use ferry::release::layer_compression;
 use ferry::store::Store;
 
 use super::fleet::{
-    graph_error, load_graph, load_manifest, open_store, parse_build_arg, Selection,
+    describe_changes, load_graph, load_manifest, open_store, parse_build_arg, select_images,
+    Selection,
 };
 use super::{CliError, CliResult, ExitStatus, GlobalArgs, Printer};
 
@@ -24,6 +25,10 @@ pub struct BuildArgs {
     /// Also build the descendants of the named images.
     #[arg(long)]
     pub with_dependents: bool,
+    /// Only the images whose inputs changed since this git ref (commit, branch, tag), and
+    /// their dependents (with the ancestors they need, from the cache when unchanged).
+    #[arg(long, value_name = "GIT_REF")]
+    pub since: Option<String>,
     /// Ignore the layer cache (results still land in it).
     #[arg(long)]
     pub no_cache: bool,
@@ -113,8 +118,25 @@ pub(super) fn build_selected(
 pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult {
     let manifest = load_manifest(global)?;
     let graph = load_graph(&manifest, &args.inputs.build_args())?;
-    let selected =
-        graph.select(&args.images, args.with_dependents).map_err(|e| graph_error(&manifest, e))?;
+    let (selected, changed) = select_images(
+        &manifest,
+        &graph,
+        &args.images,
+        args.with_dependents,
+        args.since.as_deref(),
+    )?;
+    if let Some((git_ref, changed)) = args.since.as_deref().zip(changed.as_ref()) {
+        printer.status(&describe_changes(git_ref, changed));
+        if selected.is_empty() {
+            if printer.json {
+                printer.json(&serde_json::json!({
+                    "images": [],
+                    "since": { "ref": git_ref, "changed": changed },
+                }));
+            }
+            return Ok(ExitStatus::Success);
+        }
+    }
     let output = args
         .output
         .as_deref()

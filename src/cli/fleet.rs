@@ -1,6 +1,6 @@
 //! Loading the manifest and the graph for a command, with errors mapped to exit codes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ferry::graph::{Graph, GraphError};
 use ferry::manifest::Manifest;
@@ -78,6 +78,48 @@ pub fn open_store_if_exists(global: &GlobalArgs) -> Result<ferry::store::Store, 
         return Err(CliError::invalid(miette::miette!("no store at {}", root.display())));
     }
     ferry::store::Store::open(&root).map_err(|e| CliError::invalid(miette::miette!("{e}")))
+}
+
+/// What a command selects: the named images (every image when none is named) and their
+/// ancestors; `with_dependents` adds the named images' descendants. With `since` (a git
+/// ref), only those of the named images that changed since it start the selection, and
+/// their dependents come with them: what CI rebuilds after a commit. Returns the
+/// selection and, with `since`, the changed images with why.
+pub fn select_images(
+    manifest: &Manifest,
+    graph: &Graph,
+    names: &[String],
+    with_dependents: bool,
+    since: Option<&str>,
+) -> Result<(BTreeSet<String>, Option<BTreeMap<String, String>>), CliError> {
+    let Some(git_ref) = since else {
+        let selected =
+            graph.select(names, with_dependents).map_err(|e| graph_error(manifest, e))?;
+        return Ok((selected, None));
+    };
+    // Unknown names are errors even when nothing changed.
+    graph.select(names, false).map_err(|e| graph_error(manifest, e))?;
+    let changed = ferry::changes::since(manifest, graph, git_ref)
+        .map_err(|e| CliError::invalid(miette::miette!("{e}")))?
+        .changed;
+    let start: Vec<String> =
+        changed.keys().filter(|c| names.is_empty() || names.contains(c)).cloned().collect();
+    let selected = if start.is_empty() {
+        BTreeSet::new()
+    } else {
+        graph.select(&start, true).map_err(|e| graph_error(manifest, e))?
+    };
+    let changed = changed.into_iter().filter(|(c, _)| selected.contains(c)).collect();
+    Ok((selected, Some(changed)))
+}
+
+/// `Changed since REF: a (why), b (why)`, or that nothing changed.
+pub fn describe_changes(git_ref: &str, changed: &BTreeMap<String, String>) -> String {
+    if changed.is_empty() {
+        return format!("Nothing changed since {git_ref}");
+    }
+    let list: Vec<String> = changed.iter().map(|(name, why)| format!("{name} ({why})")).collect();
+    format!("Changed since {git_ref}: {}", list.join(", "))
 }
 
 /// The images a command works on.

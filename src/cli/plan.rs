@@ -3,7 +3,7 @@
 use clap::Args;
 use ferry::plan::{Plan, SourceInfo};
 
-use super::fleet::{graph_error, load_graph, load_manifest, parse_build_arg};
+use super::fleet::{describe_changes, load_graph, load_manifest, parse_build_arg, select_images};
 use super::{CliError, CliResult, ExitStatus, GlobalArgs, Printer};
 
 #[derive(Args, Debug)]
@@ -16,6 +16,10 @@ pub struct PlanArgs {
     /// Also select the descendants of the named images.
     #[arg(long)]
     pub with_dependents: bool,
+    /// Only the images whose inputs changed since this git ref (commit, branch, tag), and
+    /// their dependents.
+    #[arg(long, value_name = "GIT_REF")]
+    pub since: Option<String>,
     /// A build arg for every image, overriding images.toml (repeatable).
     #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_build_arg)]
     pub args: Vec<(String, String)>,
@@ -24,8 +28,13 @@ pub struct PlanArgs {
 pub fn run(global: &GlobalArgs, args: PlanArgs, printer: &Printer) -> CliResult {
     let manifest = load_manifest(global)?;
     let graph = load_graph(&manifest, &args.args.iter().cloned().collect())?;
-    let selected =
-        graph.select(&args.images, args.with_dependents).map_err(|e| graph_error(&manifest, e))?;
+    let (selected, changed) = select_images(
+        &manifest,
+        &graph,
+        &args.images,
+        args.with_dependents,
+        args.since.as_deref(),
+    )?;
     let info = SourceInfo::discover(&manifest.root);
     // Bases the store already has are shown with the digest a build would use; plan never
     // touches the network.
@@ -41,10 +50,21 @@ pub fn run(global: &GlobalArgs, args: PlanArgs, printer: &Printer) -> CliResult 
     }
     let plan = Plan::new(&manifest, &graph, &selected, args.env.as_deref(), &info, &pins)
         .map_err(|e| CliError::invalid(miette::Report::msg(e.to_string())))?;
+    let since = args.since.as_deref().zip(changed.as_ref());
     if printer.json {
-        printer.json(&serde_json::to_value(&plan).unwrap_or_default());
+        let mut value = serde_json::to_value(&plan).unwrap_or_default();
+        if let Some((git_ref, changed)) = since {
+            value["since"] = serde_json::json!({ "ref": git_ref, "changed": changed });
+        }
+        printer.json(&value);
     } else {
-        printer.text(&plan.to_text());
+        let mut text = String::new();
+        if let Some((git_ref, changed)) = since {
+            text.push_str(&describe_changes(git_ref, changed));
+            text.push('\n');
+        }
+        text.push_str(&plan.to_text());
+        printer.text(&text);
     }
     Ok(ExitStatus::Success)
 }
