@@ -91,7 +91,7 @@ pub fn select_images(
     names: &[String],
     with_dependents: bool,
     since: Option<&str>,
-) -> Result<(BTreeSet<String>, Option<BTreeMap<String, String>>), CliError> {
+) -> Result<(BTreeSet<String>, Option<Changed>), CliError> {
     let Some(git_ref) = since else {
         let selected =
             graph.select(names, with_dependents).map_err(|e| graph_error(manifest, e))?;
@@ -113,8 +113,11 @@ pub fn select_images(
     Ok((selected, Some(changed)))
 }
 
+/// Images changed since a git ref, each with why.
+pub type Changed = BTreeMap<String, String>;
+
 /// `Changed since REF: a (why), b (why)`, or that nothing changed.
-pub fn describe_changes(git_ref: &str, changed: &BTreeMap<String, String>) -> String {
+pub fn describe_changes(git_ref: &str, changed: &Changed) -> String {
     if changed.is_empty() {
         return format!("Nothing changed since {git_ref}");
     }
