@@ -364,8 +364,8 @@ fn prune_and_rmi_killed_anywhere_keep_every_named_image() {
     copy_store(&built, &plain);
     // For prune: an image only `prune --all` removes (named by digest only), and orphan blobs.
     let loaded = w.path("loaded");
-    let foreign = vec![common::file("foreign", b"foreign\n", 0o644)];
-    common::make_oci_image(&loaded, "img", &[foreign], common::Comp::None);
+    let layer = vec![common::file("foreign", b"foreign\n", 0o644)];
+    common::make_oci_image(&loaded, "img", &[layer], common::Comp::None);
     let archive = w.path("loaded.tar");
     let out = Command::new("tar")
         .arg("-cf")

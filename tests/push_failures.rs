@@ -141,8 +141,8 @@ fn an_immutable_tag_with_another_digest_stops_the_push_before_any_upload() {
     let store = store.path();
     // Someone already published another image as api 2.0.0.
     let layout = tempfile::tempdir().unwrap();
-    let foreign = vec![file("foreign", b"foreign\n", 0o644)];
-    make_oci_image(layout.path(), "img", &[foreign], Comp::None);
+    let layer = vec![file("foreign", b"foreign\n", 0o644)];
+    make_oci_image(layout.path(), "img", &[layer], Comp::None);
     registry.push(layout.path(), "img", "rel/acme/api:2.0.0");
     let api_ref = format!("{}:2.0.0", repo(&proxy.host, "rel", "api"));
     let foreign = skopeo_digest(&api_ref).unwrap();

@@ -1,6 +1,9 @@
 //! Test harness shared by the integration tests: a real registry (`docker-registry serve`)
 //! on a free loopback port with optional htpasswd auth and TLS, a fault-injecting HTTP
-//! proxy to put in front of it, and helpers to make OCI images and push them with skopeo.
+//! proxy to put in front of it (it also records and counts what crosses it), helpers to
+//! make OCI images and push them with skopeo, independent readers of a registry (plain
+//! HTTP, skopeo), and `Ferry`, the binary on a private store in the clean environment of
+//! `fixture::ferry_command` (the fixtures come along as `common::fixture`).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -624,7 +627,7 @@ impl Answer {
 pub struct SeenRequest {
     pub method: String,
     pub path: String,
-    /// The status the client got (0: the connection was cut before any answer).
+    /// The registry's status, or the one the rule injected (0: the request was cut off).
     pub status: u16,
     /// Bytes of the request body the proxy received.
     pub body: usize,
