@@ -2,7 +2,8 @@
 //! build and pinned by digest.
 
 mod common;
-mod fixture;
+
+use common::fixture;
 
 use common::{RegistryOptions, TestRegistry};
 use fixture::{build_json, ferry, project, umoci_unpack, BUSYBOX_BASE};

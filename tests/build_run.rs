@@ -2,7 +2,8 @@
 //! directories, failures, mounts, secrets, and the Dockerfile features around RUN.
 
 mod common;
-mod fixture;
+
+use common::fixture;
 
 use fixture::{
     build_json, ferry, layer_listings, project, skopeo_config, stat, store_contains, umoci_unpack,

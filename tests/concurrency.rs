@@ -24,7 +24,9 @@ struct Project {
 }
 
 fn ferry(dir: &Path, store: &Path) -> Command {
-    push_support::ferry(dir, store)
+    let mut c = fixture::ferry(dir);
+    c.arg("--store").arg(store);
+    c
 }
 
 fn spawn_build(dir: &Path, store: &Path, extra: &[&str]) -> Child {

@@ -38,8 +38,8 @@ impl Work {
     }
     /// `ferry` in project `dir` with `store`.
     fn ferry(&self, dir: &Path, store: &Path) -> Command {
-        let mut c = push_support::ferry(dir, store);
-        c.env("TMPDIR", self.path("tmpdir"));
+        let mut c = fixture::ferry(dir);
+        c.arg("--store").arg(store).env("TMPDIR", self.path("tmpdir"));
         c
     }
 }
@@ -364,7 +364,8 @@ fn prune_and_rmi_killed_anywhere_keep_every_named_image() {
     copy_store(&built, &plain);
     // For prune: an image only `prune --all` removes (named by digest only), and orphan blobs.
     let loaded = w.path("loaded");
-    push_support::foreign_image(&loaded);
+    let layer = vec![common::file("foreign", b"foreign\n", 0o644)];
+    common::make_oci_image(&loaded, "img", &[layer], common::Comp::None);
     let archive = w.path("loaded.tar");
     let out = Command::new("tar")
         .arg("-cf")

@@ -12,7 +12,8 @@
 //! (tests/build_copy.rs, `bad_sources_and_destinations_name_the_file_and_line`).
 
 mod common;
-mod fixture;
+
+use common::fixture;
 mod layer_support;
 
 use std::io::Write;

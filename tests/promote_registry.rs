@@ -26,7 +26,7 @@ promote_from = "staging"
 #[test]
 fn within_one_registry_only_mounts_and_keeps_digests() {
     let reg = TestRegistry::start(RegistryOptions::default());
-    let proxy = FaultProxy::start(&reg.host, |_, _, _| Action::Forward);
+    let proxy = FaultProxy::forwarding(&reg.host);
     let work = tempfile::tempdir().unwrap();
     let api = publish(&reg, work.path(), "api", 1, 2, 200_000, "acme-staging/acme/api:1.0.0-rc");
     let (web, web_children) =
@@ -37,15 +37,15 @@ fn within_one_registry_only_mounts_and_keeps_digests() {
         Project::new(&[("api", "1.0.0"), ("web", "2.1.0")], &envs(&proxy.host, &proxy.host));
     assert!(!project.path().join("services").exists(), "no build context is needed");
 
-    let before = proxy.requests().len();
+    proxy.take();
     let out = project.run(&["--json", "promote", "--from", "staging", "--to", "prod"]);
     assert!(out.status.success(), "promote failed: {}", stderr(&out));
     let report = json(&out);
     assert_eq!(report["outcome"], "promoted");
 
     // No layer byte moved: every blob was mounted, none downloaded or uploaded.
-    let seen = &proxy.requests()[before..];
-    for r in seen {
+    let seen = proxy.take();
+    for r in &seen {
         let blob_read = r.method == "GET" && r.path.contains("/blobs/");
         let upload = (r.method == "PUT" || r.method == "PATCH") && r.path.contains("/blobs/");
         assert!(!blob_read && !upload, "a blob was transferred: {r:?}");
@@ -93,15 +93,12 @@ fn within_one_registry_only_mounts_and_keeps_digests() {
     assert_eq!(tags_of(&reg.host, "acme-prod/acme/web"), ["2.1", "2.1.0", "latest"]);
 
     // Again: nothing changes, and ferry says so.
-    let before = proxy.requests().len();
+    proxy.take();
     let out = project.run(&["promote", "--from", "staging", "--to", "prod"]);
     assert!(out.status.success(), "second promote failed: {}", stderr(&out));
     assert!(stdout(&out).contains("Nothing to do"), "{}", stdout(&out));
-    let writes: Vec<_> = proxy.requests()[before..]
-        .iter()
-        .filter(|r| !matches!(r.method.as_str(), "GET" | "HEAD"))
-        .cloned()
-        .collect();
+    let seen = proxy.take();
+    let writes = writes(&seen);
     assert!(writes.is_empty(), "a finished promotion wrote again: {writes:?}");
 }
 
@@ -134,19 +131,18 @@ fn across_two_registries_streams_blobs_and_skopeo_sees_the_tags() {
     assert!(planned > 450_000, "the layers' bytes were counted: {planned}");
 
     let hex = &api["sha256:".len()..];
+    let (prod_api, prod_web) =
+        (format!("{}/acme-prod/acme/api", prod.host), format!("{}/acme-prod/acme/web", prod.host));
     assert_eq!(
-        skopeo_tags(&prod.host, "acme-prod/acme/api"),
+        skopeo_tags(&prod_api),
         ["1.0", "1.0.0", "latest", &format!("sha256-{hex}"), &format!("sha256-{hex}.sig")]
     );
-    assert_eq!(skopeo_tags(&prod.host, "acme-prod/acme/web"), ["2.1", "2.1.0", "latest"]);
+    assert_eq!(skopeo_tags(&prod_web), ["2.1", "2.1.0", "latest"]);
     for tag in ["1.0.0", "latest"] {
-        assert_eq!(skopeo_digest(&prod.host, "acme-prod/acme/api", tag), api);
+        assert_eq!(skopeo_digest(&format!("{prod_api}:{tag}")).as_deref(), Some(&*api));
     }
-    assert_eq!(skopeo_digest(&prod.host, "acme-prod/acme/web", "2.1.0"), web);
-    assert_eq!(
-        skopeo_digest(&prod.host, "acme-prod/acme/api", &format!("sha256-{hex}.sig")),
-        cosign
-    );
+    assert_eq!(skopeo_digest(&format!("{prod_web}:2.1.0")).as_deref(), Some(&*web));
+    assert_eq!(skopeo_digest(&format!("{prod_api}:sha256-{hex}.sig")).as_deref(), Some(&*cosign));
     // skopeo copies the whole image out of prod: every blob arrived intact.
     let out = std::process::Command::new("skopeo")
         .args(["--insecure-policy", "copy", "--all", "--src-tls-verify=false"])
@@ -201,7 +197,7 @@ fn across_two_registries_a_shared_blob_crosses_once() {
         .collect();
     assert_eq!(report["stats"]["bytes_streamed"].as_u64().unwrap(), planned[0]);
     for path in ["acme-prod/acme/api", "acme-prod/acme/web"] {
-        assert_eq!(skopeo_digest(&prod.host, path, "latest"), api);
+        assert_eq!(skopeo_digest(&format!("{}/{path}:latest", prod.host)).as_deref(), Some(&*api));
     }
     // skopeo reads every blob out of the repository that got them by mount.
     let out = std::process::Command::new("skopeo")
@@ -220,7 +216,7 @@ fn across_two_registries_a_shared_blob_crosses_once() {
 #[test]
 fn a_promotion_asks_only_what_it_cannot_know() {
     let reg = TestRegistry::start(RegistryOptions::default());
-    let proxy = FaultProxy::start(&reg.host, |_, _, _| Action::Forward);
+    let proxy = FaultProxy::forwarding(&reg.host);
     let work = tempfile::tempdir().unwrap();
     let names = ["api", "web", "worker"];
     for (seed, name) in names.iter().enumerate() {
@@ -249,10 +245,10 @@ promote_from = "staging"
         )
     };
     let project = envs("1.0.0");
-    let before = proxy.requests().len();
+    proxy.take();
     let out = project.run(&["--json", "promote", "--from", "staging", "--to", "prod"]);
     assert!(out.status.success(), "promote failed: {}", stderr(&out));
-    let seen = proxy.requests()[before..].to_vec();
+    let seen = proxy.take();
     let to_prod = |r: &SeenRequest| r.path.starts_with("/v2/acme-prod/");
     let heads: Vec<_> = seen.iter().filter(|r| r.method == "HEAD" && to_prod(r)).collect();
     assert!(heads.is_empty(), "a fresh destination was asked about manifests: {heads:#?}");
@@ -281,10 +277,10 @@ promote_from = "staging"
     let api_old = digest_of(&reg.host, "acme-prod/acme/api", "1.0.0").unwrap();
     let api_new = publish(&reg, work.path(), "api", 9, 1, 20_000, "acme-staging/acme/api:1.0.1-rc");
     let project = envs("1.0.1");
-    let before = proxy.requests().len();
+    proxy.take();
     let out = project.run(&["--json", "promote", "--from", "staging", "--to", "prod"]);
     assert!(out.status.success(), "promote failed: {}", stderr(&out));
-    let seen = proxy.requests()[before..].to_vec();
+    let seen = proxy.take();
     let asked = |path: &str| {
         seen.iter().filter(|r| r.method == "HEAD" && r.path == format!("/v2/{path}")).count()
     };

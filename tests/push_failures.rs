@@ -29,20 +29,20 @@ fn repo(host: &str, env: &str, image: &str) -> String {
 fn an_upload_refused_for_one_repository_moves_no_tag_and_keep_going_publishes_its_non_descendants()
 {
     let registry = start_registry();
-    let proxy = Proxy::start(&registry.host);
+    let proxy = FaultProxy::forwarding(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
     let store = store.path();
     // The registry refuses every upload into runtime's repository (403 is never retried).
-    proxy.set_rule(|method, path| {
-        if method != "GET" && method != "HEAD" && path.starts_with("/v2/dev/acme/runtime/") {
-            Action::Respond(403)
+    proxy.set_rule(|r| {
+        if r.method != "GET" && r.method != "HEAD" && r.path.starts_with("/v2/dev/acme/runtime/") {
+            Action::Respond(403, vec![])
         } else {
             Action::Forward
         }
     });
 
-    let out = ferry(dir.path(), store).args(["--json", "push", "--env", "dev"]).output().unwrap();
+    let out = run(dir.path(), store, &["--json", "push", "--env", "dev"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status(&report, "runtime"), "failed");
@@ -51,7 +51,7 @@ fn an_upload_refused_for_one_repository_moves_no_tag_and_keep_going_publishes_it
     }
     assert!(stderr(&out).contains("image `runtime`"), "{}", stderr(&out));
     for image in IMAGES {
-        assert_eq!(list_tags(&repo(&proxy.host, "dev", image)), Vec::<String>::new(), "{image}");
+        assert_eq!(skopeo_tags(&repo(&proxy.host, "dev", image)), Vec::<String>::new(), "{image}");
     }
     // The untagged images are really there, by digest.
     let api = &report["report"]["images"].as_array().unwrap()[3];
@@ -76,17 +76,17 @@ fn an_upload_refused_for_one_repository_moves_no_tag_and_keep_going_publishes_it
     assert_eq!(status(&report, "runtime"), "failed");
     for image in ["api", "web", "worker"] {
         assert_eq!(status(&report, image), "uploaded_untagged", "{image}");
-        assert!(list_tags(&repo(&proxy.host, "dev", image)).is_empty(), "{image}");
+        assert!(skopeo_tags(&repo(&proxy.host, "dev", image)).is_empty(), "{image}");
     }
-    assert_eq!(list_tags(&repo(&proxy.host, "dev", "base")).len(), 2);
-    assert_eq!(list_tags(&repo(&proxy.host, "dev", "tools")).len(), 2);
+    assert_eq!(skopeo_tags(&repo(&proxy.host, "dev", "base")).len(), 2);
+    assert_eq!(skopeo_tags(&repo(&proxy.host, "dev", "tools")).len(), 2);
 
     // Once the registry accepts runtime, everything is published.
-    proxy.set_rule(|_, _| Action::Forward);
+    proxy.set_rule(|_| Action::Forward);
     let report = json(dir.path(), store, &["push", "--env", "dev"], 0);
     for image in IMAGES {
         assert_eq!(status(&report, image), "published", "{image}");
-        assert!(!list_tags(&repo(&proxy.host, "dev", image)).is_empty(), "{image}");
+        assert!(!skopeo_tags(&repo(&proxy.host, "dev", image)).is_empty(), "{image}");
     }
 }
 
@@ -99,12 +99,12 @@ fn a_failed_build_moves_no_tag_and_keep_going_publishes_the_rest() {
     // worker's COPY source is gone: its build fails.
     std::fs::remove_file(dir.path().join("examples/static/services/worker/worker.conf")).unwrap();
 
-    let out = ferry(dir.path(), store).args(["--json", "push", "--env", "dev"]).output().unwrap();
+    let out = run(dir.path(), store, &["--json", "push", "--env", "dev"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status(&report, "worker"), "not_built");
     for image in IMAGES {
-        assert!(list_tags(&repo(&registry.host, "dev", image)).is_empty(), "{image}");
+        assert!(skopeo_tags(&repo(&registry.host, "dev", image)).is_empty(), "{image}");
     }
 
     let report = json(dir.path(), store, &["push", "--env", "dev", "--keep-going"], 1);
@@ -112,12 +112,12 @@ fn a_failed_build_moves_no_tag_and_keep_going_publishes_the_rest() {
     for image in ["base", "tools", "runtime", "api", "web"] {
         assert_eq!(status(&report, image), "published", "{image}");
         assert_eq!(
-            list_tags(&repo(&registry.host, "dev", image)).len(),
+            skopeo_tags(&repo(&registry.host, "dev", image)).len(),
             2 + usize::from(image == "api"),
             "{image}"
         );
     }
-    assert!(list_tags(&repo(&registry.host, "dev", "worker")).is_empty());
+    assert!(skopeo_tags(&repo(&registry.host, "dev", "worker")).is_empty());
 }
 
 const RELEASE_ENVS: &str = r#"
@@ -135,15 +135,16 @@ immutable = true
 #[test]
 fn an_immutable_tag_with_another_digest_stops_the_push_before_any_upload() {
     let registry = start_registry();
-    let proxy = Proxy::start(&registry.host);
+    let proxy = FaultProxy::forwarding(&registry.host);
     let dir = fleet(&proxy.host, &RELEASE_ENVS.replace("HOST", &proxy.host));
     let store = tempfile::tempdir().unwrap();
     let store = store.path();
     // Someone already published another image as api 2.0.0.
     let layout = tempfile::tempdir().unwrap();
-    foreign_image(layout.path());
+    let layer = vec![file("foreign", b"foreign\n", 0o644)];
+    make_oci_image(layout.path(), "img", &[layer], Comp::None);
+    registry.push(layout.path(), "img", "rel/acme/api:2.0.0");
     let api_ref = format!("{}:2.0.0", repo(&proxy.host, "rel", "api"));
-    skopeo_push(layout.path(), &api_ref);
     let foreign = skopeo_digest(&api_ref).unwrap();
     proxy.take();
 
@@ -167,7 +168,7 @@ fn an_immutable_tag_with_another_digest_stops_the_push_before_any_upload() {
     assert!(writes(&seen).is_empty(), "nothing was uploaded or tagged: {:?}", writes(&seen));
     assert_eq!(skopeo_digest(&api_ref).unwrap(), foreign, "the tag did not move");
     for image in ["base", "tools", "runtime", "web", "worker"] {
-        assert!(list_tags(&repo(&proxy.host, "rel", image)).is_empty(), "{image}");
+        assert!(skopeo_tags(&repo(&proxy.host, "rel", image)).is_empty(), "{image}");
     }
 
     // The same digest under an immutable tag is a no-op.
@@ -183,7 +184,7 @@ fn an_immutable_tag_with_another_digest_stops_the_push_before_any_upload() {
 #[test]
 fn an_environment_fed_by_promotion_refuses_a_direct_push() {
     let registry = start_registry();
-    let proxy = Proxy::start(&registry.host);
+    let proxy = FaultProxy::forwarding(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
     let out = run(dir.path(), store.path(), &["push", "--env", "prod"]);
@@ -208,7 +209,7 @@ fn a_release_only_environment_refuses_pre_releases() {
     assert!(err.contains("`web` (2.1.0-rc.1)"), "{err}");
     // Without the pre-release, it goes.
     run(dir.path(), store.path(), &["push", "--env", "stable", "api"]);
-    let tags = list_tags(&repo(&registry.host, "stable", "api"));
+    let tags = skopeo_tags(&repo(&registry.host, "stable", "api"));
     assert_eq!(tags.len(), 2, "{{version}} and api's own {{version}}-{{git_short}}: {tags:?}");
     assert_eq!(tags[0], "2.0.0");
 }

@@ -10,9 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use push_support::common::{
-    assert_every_tag_complete, Action, FaultProxy, RateLimit, RequestInfo, TestRegistry,
-};
 use push_support::*;
 use serde_json::Value;
 
@@ -77,8 +74,11 @@ fn impatient_push(
     store: &std::path::Path,
     timeout: Option<&str>,
 ) -> (Option<i32>, Value, String) {
-    let mut cmd = ferry(dir, store);
-    cmd.env("FERRY_REGISTRY_RETRIES", "1").env("FERRY_REGISTRY_BACKOFF", "0");
+    let mut cmd = fixture::ferry(dir);
+    cmd.arg("--store")
+        .arg(store)
+        .env("FERRY_REGISTRY_RETRIES", "1")
+        .env("FERRY_REGISTRY_BACKOFF", "0");
     if let Some(t) = timeout {
         cmd.env("FERRY_REGISTRY_TIMEOUT", t);
     }

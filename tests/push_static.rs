@@ -44,7 +44,7 @@ fn store_digest(store: &Path, name: &str) -> String {
 #[test]
 fn push_tags_every_image_with_the_store_digest_and_a_second_push_uploads_nothing() {
     let registry = start_registry();
-    let proxy = Proxy::start(&registry.host);
+    let proxy = FaultProxy::forwarding(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
     let store = store.path();
@@ -78,7 +78,7 @@ fn push_tags_every_image_with_the_store_digest_and_a_second_push_uploads_nothing
         }
         let mut listed = tags.clone();
         listed.sort();
-        assert_eq!(list_tags(repository), listed, "{repository}: exactly the planned tags");
+        assert_eq!(skopeo_tags(repository), listed, "{repository}: exactly the planned tags");
         // An independent client copies it into a layout with the same digest.
         let layout = tempfile::tempdir().unwrap();
         let copied = skopeo_copy_digest(&format!("{repository}:{}", tags[0]), layout.path());
@@ -171,7 +171,7 @@ fn a_gzip_environment_gets_rewritten_manifests_whose_variants_are_computed_once(
 #[test]
 fn dry_run_prints_the_plan_and_sends_nothing() {
     let registry = start_registry();
-    let proxy = Proxy::start(&registry.host);
+    let proxy = FaultProxy::forwarding(&registry.host);
     let dir = fleet(&proxy.host, "");
     let store = tempfile::tempdir().unwrap();
     let store = store.path();
@@ -204,7 +204,7 @@ fn dry_run_prints_the_plan_and_sends_nothing() {
     }
     assert_eq!(plan["upload_bytes"].as_u64().unwrap(), total);
     for name in expected.keys() {
-        assert!(list_tags(&expected[name].0).is_empty());
+        assert!(skopeo_tags(&expected[name].0).is_empty());
     }
 
     // The real push sends exactly the bytes the plan announced.

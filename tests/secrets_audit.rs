@@ -13,7 +13,8 @@
 //! and every kind of secret.
 
 mod common;
-mod fixture;
+
+use common::fixture;
 
 use std::io::Read;
 use std::path::Path;
@@ -126,8 +127,8 @@ impl Run {
 
 /// `ferry -vvv --json ARGS` at trace level with `docker_config` as DOCKER_CONFIG.
 fn loud(dir: &Path, store: &Path, docker_config: &Path, args: &[&str], stdin: &str) -> Run {
-    let out = ferry(dir)
-        .arg("--store")
+    let mut cmd = ferry(dir);
+    cmd.arg("--store")
         .arg(store)
         .args(["-vvv", "--json"])
         .args(args)
@@ -135,10 +136,8 @@ fn loud(dir: &Path, store: &Path, docker_config: &Path, args: &[&str], stdin: &s
         .env("RUST_LOG", "trace")
         .env("DOCKER_CONFIG", docker_config)
         .env("FERRY_CERTS_DIR", docker_config.join("no-certs"))
-        .env(ENV_VAR, ENV_SECRET)
-        .write_stdin(stdin)
-        .output()
-        .unwrap();
+        .env(ENV_VAR, ENV_SECRET);
+    let out = assert_cmd::Command::from(cmd).write_stdin(stdin).output().unwrap();
     Run { code: out.status.code(), stdout: out.stdout, stderr: out.stderr }
 }
 

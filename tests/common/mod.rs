@@ -1,6 +1,9 @@
 //! Test harness shared by the integration tests: a real registry (`docker-registry serve`)
 //! on a free loopback port with optional htpasswd auth and TLS, a fault-injecting HTTP
-//! proxy to put in front of it, and helpers to make OCI images and push them with skopeo.
+//! proxy to put in front of it (it also records and counts what crosses it), helpers to
+//! make OCI images and push them with skopeo, independent readers of a registry (plain
+//! HTTP, skopeo), and `Ferry`, the binary on a private store in the clean environment of
+//! `fixture::ferry_command` (the fixtures come along as `common::fixture`).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -13,6 +16,9 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
+
+#[path = "../fixture/mod.rs"]
+pub mod fixture;
 
 /// How to start a registry.
 #[derive(Default, Clone)]
@@ -524,17 +530,15 @@ impl Ferry {
         Ferry { store, docker_config, certs_dir: None, _dir: dir }
     }
 
+    /// `fixture::ferry_command()` on this store and docker config, trusting `certs_dir`'s
+    /// CAs when set (no extra CA otherwise).
     pub fn command(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        let mut c = fixture::ferry_command();
         c.arg("--store").arg(&self.store);
         c.env("DOCKER_CONFIG", &self.docker_config);
-        c.env_remove("FERRY_STORE");
-        // Never pick up the machine's own CAs for test registries; point at the test's.
-        match &self.certs_dir {
-            Some(d) => c.env("FERRY_CERTS_DIR", d),
-            None => c.env("FERRY_CERTS_DIR", self.docker_config.join("no-certs")),
-        };
-        c.stdin(Stdio::null());
+        if let Some(d) = &self.certs_dir {
+            c.env("FERRY_CERTS_DIR", d);
+        }
         c
     }
 
@@ -623,7 +627,20 @@ impl Answer {
 pub struct SeenRequest {
     pub method: String,
     pub path: String,
+    /// The registry's status, or the one the rule injected (0: the request was cut off).
     pub status: u16,
+    /// Bytes of the request body the proxy received.
+    pub body: usize,
+}
+
+/// Body bytes sent in blob uploads (POST/PATCH/PUT under `/blobs/uploads/`).
+pub fn upload_bytes(requests: &[SeenRequest]) -> usize {
+    requests.iter().filter(|r| r.path.contains("/blobs/uploads/")).map(|r| r.body).sum()
+}
+
+/// Requests that write anything (POST, PUT, PATCH, DELETE).
+pub fn writes(requests: &[SeenRequest]) -> Vec<&SeenRequest> {
+    requests.iter().filter(|r| !matches!(r.method.as_str(), "GET" | "HEAD")).collect()
 }
 
 /// A request as a rule sees it.
@@ -644,11 +661,14 @@ impl RequestInfo {
 
 type Rule = dyn Fn(&RequestInfo) -> Action + Send + Sync;
 
-/// An HTTP/1.1 proxy on a free loopback port in front of `upstream`, deciding per request
-/// (method, path, 1-based request number) what to do.
+/// An HTTP/1.1 proxy on a free loopback port in front of `upstream`, recording every
+/// request and deciding per request (method, path, 1-based request number, headers) what
+/// to do.
 pub struct FaultProxy {
     pub host: String,
-    pub seen: Arc<Mutex<Vec<SeenRequest>>>,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+    /// The rule in force; `set_rule` swaps it between commands.
+    rule: Arc<Mutex<Arc<Rule>>>,
     /// Receives the path of a stalled response once it stalls.
     pub stalled: mpsc::Receiver<String>,
     release: Arc<(Mutex<bool>, Condvar)>,
@@ -666,6 +686,11 @@ impl FaultProxy {
         )
     }
 
+    /// A proxy that forwards everything (until `set_rule`), to count what goes through.
+    pub fn forwarding(upstream: &str) -> FaultProxy {
+        FaultProxy::start(upstream, |_, _, _| Action::Forward)
+    }
+
     /// Like `start`, on a listener the caller bound (to know the address first), with a
     /// rule that sees headers.
     pub fn start_with(
@@ -676,13 +701,12 @@ impl FaultProxy {
         let host = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::new(AtomicUsize::new(0));
-        let rule: Arc<Rule> = Arc::new(rule);
+        let rule: Arc<Mutex<Arc<Rule>>> = Arc::new(Mutex::new(Arc::new(rule)));
         let release = Arc::new((Mutex::new(false), Condvar::new()));
         let (tx, rx) = mpsc::channel();
         let upstream = upstream.to_string();
         {
-            let seen = seen.clone();
-            let release = release.clone();
+            let (seen, rule, release) = (seen.clone(), rule.clone(), release.clone());
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
@@ -695,16 +719,27 @@ impl FaultProxy {
                         upstream.clone(),
                     );
                     std::thread::spawn(move || {
-                        let _ = serve(conn, &upstream, &*rule, &count, &seen, &release, &tx);
+                        let _ = serve(conn, &upstream, &rule, &count, &seen, &release, &tx);
                     });
                 }
             });
         }
-        FaultProxy { host, seen, stalled: rx, release }
+        FaultProxy { host, seen, rule, stalled: rx, release }
     }
 
+    /// Replace the rule for the requests that follow (request numbers keep counting).
+    pub fn set_rule(&self, rule: impl Fn(&RequestInfo) -> Action + Send + Sync + 'static) {
+        *self.rule.lock().unwrap() = Arc::new(rule);
+    }
+
+    /// Every request seen so far.
     pub fn requests(&self) -> Vec<SeenRequest> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Every request seen since the last `take`; clears the record.
+    pub fn take(&self) -> Vec<SeenRequest> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
     }
 }
 
@@ -719,7 +754,7 @@ impl Drop for FaultProxy {
 fn serve(
     mut client: TcpStream,
     upstream: &str,
-    rule: &Rule,
+    rule: &Mutex<Arc<Rule>>,
     count: &AtomicUsize,
     seen: &Mutex<Vec<SeenRequest>>,
     release: &(Mutex<bool>, Condvar),
@@ -769,11 +804,16 @@ fn serve(
         n,
         headers: headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
     };
+    let rule = rule.lock().unwrap().clone();
     let action = rule(&info);
+    let record = |status: u16, body: usize| {
+        let (method, path) = (method.clone(), path.clone());
+        seen.lock().unwrap().push(SeenRequest { method, path, status, body });
+    };
     if let Action::CutRequest(keep) = action {
         let mut part = vec![0u8; keep.min(content_length)];
         reader.read_exact(&mut part)?;
-        seen.lock().unwrap().push(SeenRequest { method, path, status: 0 });
+        record(0, part.len());
         return client.shutdown(std::net::Shutdown::Both);
     }
     let mut body = vec![0u8; content_length];
@@ -787,7 +827,7 @@ fn serve(
     };
     match action {
         Action::Respond(status, extra) => {
-            seen.lock().unwrap().push(SeenRequest { method, path, status });
+            record(status, body.len());
             let mut resp =
                 format!("HTTP/1.1 {status} Injected\r\nContent-Length: 0\r\nConnection: close\r\n");
             for (k, v) in extra {
@@ -798,7 +838,7 @@ fn serve(
             Ok(())
         }
         Action::Body(bytes, extra) => {
-            seen.lock().unwrap().push(SeenRequest { method, path, status: 200 });
+            record(200, body.len());
             let mut resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n",
                 bytes.len()
@@ -833,11 +873,7 @@ fn serve(
                 }
             }
             let status = resp_head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-            seen.lock().unwrap().push(SeenRequest {
-                method: method.clone(),
-                path: path.clone(),
-                status,
-            });
+            record(status, body.len());
             if !matches!(action, Action::Rewrite(_)) {
                 client.write_all(resp_head.as_bytes())?;
                 if method == "HEAD" {
@@ -1023,6 +1059,51 @@ pub fn assert_manifest_complete(host: &str, repo: &str, reference: &str) -> Stri
         );
     }
     digest
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading a registry with skopeo, an independent client (plain HTTP)
+
+/// The manifest `docker://REF` names, byte for byte as skopeo reads it; None when skopeo
+/// cannot read it.
+pub fn skopeo_manifest(reference: &str) -> Option<Vec<u8>> {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--raw"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    out.status.success().then_some(out.stdout)
+}
+
+/// `skopeo inspect --raw` of `docker://REF`, parsed.
+pub fn skopeo_inspect(reference: &str) -> Option<serde_json::Value> {
+    skopeo_manifest(reference).map(|raw| serde_json::from_slice(&raw).unwrap())
+}
+
+/// The digest of the manifest a reference names, computed from the bytes skopeo reads.
+pub fn skopeo_digest(reference: &str) -> Option<String> {
+    skopeo_manifest(reference).map(|raw| sha256(&raw))
+}
+
+/// Every tag of `host/path`, sorted (empty when skopeo cannot list it: no such repository).
+pub fn skopeo_tags(repository: &str) -> Vec<String> {
+    let out = Command::new("skopeo")
+        .args(["list-tags", "--tls-verify=false"])
+        .arg(format!("docker://{repository}"))
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut tags: Vec<String> = v["Tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    tags.sort();
+    tags
 }
 
 /// A registry's rate limit, as a rule can apply it: the first request with a given key is

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::Command;
 
 use crate::common::*;
 use ferry::digest::Digest;
@@ -44,7 +43,7 @@ impl Project {
 
 /// A registry client with no credentials and no machine settings.
 pub fn client() -> RegistryClient {
-    let d = std::env::temp_dir().join("ferry-promote-tests-no-docker-config");
+    let d = fixture::nowhere().join("docker");
     RegistryClient::new(RegistryConfig { docker_config_dir: Some(d), ..Default::default() })
 }
 
@@ -185,32 +184,6 @@ pub fn tags_of(host: &str, path: &str) -> Vec<String> {
     let mut t = client().list_tags(&repo(host, path)).unwrap();
     t.sort();
     t
-}
-
-/// The tags skopeo sees: an independent reader of the destination.
-pub fn skopeo_tags(host: &str, path: &str) -> Vec<String> {
-    let out = Command::new("skopeo")
-        .args(["list-tags", "--tls-verify=false"])
-        .arg(format!("docker://{host}/{path}"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "skopeo list-tags: {}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut tags: Vec<String> =
-        v["Tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
-    tags.sort();
-    tags
-}
-
-/// The digest of `host/path:tag` as skopeo computes it from the raw manifest.
-pub fn skopeo_digest(host: &str, path: &str, tag: &str) -> String {
-    let out = Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{host}/{path}:{tag}"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "skopeo inspect: {}", stderr(&out));
-    sha256(&out.stdout)
 }
 
 pub fn json(out: &std::process::Output) -> serde_json::Value {
