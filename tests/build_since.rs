@@ -50,10 +50,16 @@ fn since_selects_what_changed_its_dependents_and_their_ancestors() {
     assert!(names(&plan, "name").is_empty(), "{plan}");
     assert_eq!(plan["since"]["ref"], "HEAD");
     assert!(changed(&plan).is_empty());
-    let out = ferry(dir, store).args(["build", "--since", "HEAD"]).output().unwrap();
+    let out = fixture::ferry(dir)
+        .arg("--store")
+        .arg(store)
+        .args(["build", "--since", "HEAD"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("Nothing changed since HEAD"), "{}", stderr(&out));
-    let images = ferry(dir, store).args(["images", "-q"]).output().unwrap();
+    let images =
+        fixture::ferry(dir).arg("--store").arg(store).args(["images", "-q"]).output().unwrap();
     assert_eq!(stdout(&images).trim(), "", "nothing was to be built");
 
     // An uncommitted change to api's context: api, and the ancestors it needs (runtime, and
@@ -94,7 +100,12 @@ fn since_selects_what_changed_its_dependents_and_their_ancestors() {
     assert_eq!(why.get("api2").map(String::as_str), Some("new since HEAD"), "{why:?}");
 
     // A ref git does not know is invalid input, named.
-    let out = ferry(dir, store).args(["plan", "--since", "no-such-ref"]).output().unwrap();
+    let out = fixture::ferry(dir)
+        .arg("--store")
+        .arg(store)
+        .args(["plan", "--since", "no-such-ref"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--since no-such-ref"), "{}", stderr(&out));
 }
