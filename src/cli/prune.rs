@@ -50,8 +50,12 @@ pub(super) fn cache_roots(store: &ferry::store::Store) -> Vec<ferry::digest::Dig
     roots
 }
 
-/// Blobs the compression variants point at (kept by `cache prune` as by prune).
+/// Blobs the compression variants point at (kept by `cache prune` as by prune). A store
+/// without variants is left as it is (`cache prune --dry-run` and `cache stats` only read).
 pub(super) fn variant_roots(store: &ferry::store::Store) -> Vec<ferry::digest::Digest> {
+    if !store.root().join("compressed").is_dir() {
+        return Vec::new();
+    }
     ferry::release::variants::Variants::open(store).map(|v| v.blobs()).unwrap_or_default()
 }
 
