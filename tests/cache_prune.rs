@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use crash_support::{check_store, copy_store, kill_after, outcomes_line, spread, timed, Ended};
+use crash_support::{check_store, copy_store, kill_after, outcomes_line, spread, timed};
 use push_support::{common, fixture};
 use serde_json::Value;
 
@@ -668,13 +668,30 @@ fn a_prune_killed_anywhere_leaves_a_store_that_verifies_and_builds() {
     copy_store(&source, &timing);
     let (out, took) = timed(push_support::ferry(w.dir(), &timing).args(args));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let entries_before = entries(&source).len();
     let mut outcomes = Vec::new();
-    for (i, after) in spread(took, 10).into_iter().enumerate() {
+    // What each kill left: 0 untouched, 1 in the middle of the deletions, 2 all done.
+    let mut states = Vec::new();
+    let mut points = spread(took, 10);
+    let mut i = 0;
+    while i < points.len() {
+        let after = points[i];
+        i += 1;
         let store = w._scratch.path().join(format!("k{i}"));
         copy_store(&source, &store);
         let why = format!("cache prune killed after {after:?}");
         let ended = kill_after(push_support::ferry(w.dir(), &store).args(args), after);
         outcomes.push((after, ended));
+        let journal = store.join("cache/prune-journal").exists();
+        let entries_left = entries(&store).len();
+        let v1_left = v1_only.keys().filter(|d| has_blob(&store, d)).count();
+        states.push(if entries_left == entries_before && !journal {
+            0
+        } else if entries_left == 0 && v1_left == 0 && !journal {
+            2
+        } else {
+            1
+        });
         // As the kill left it: consistent, no entry without its blob, verify passes.
         check_store(&store, &why);
         assert_no_dangling_entry(&store, &why);
@@ -696,7 +713,18 @@ fn a_prune_killed_anywhere_leaves_a_store_that_verifies_and_builds() {
         assert!(!store.join("cache/prune-journal").exists(), "{why}");
         crash_support::assert_verify(&mut push_support::ferry(w.dir(), &store), &why);
         std::fs::remove_dir_all(&store).unwrap();
+        // Until a kill lands among the deletions, aim between the last kill that left the
+        // store untouched and the first that found the prune done.
+        if i >= points.len() && !states.contains(&1) && points.len() < 18 {
+            let untouched = (0..i).filter(|&j| states[j] == 0).map(|j| points[j]).max();
+            let done = (0..i).filter(|&j| states[j] == 2).map(|j| points[j]).min();
+            if let (Some(a), Some(b)) = (untouched, done) {
+                if a < b {
+                    points.push((a + b) / 2);
+                }
+            }
+        }
     }
-    eprintln!("{}", outcomes_line("cache prune --all", &outcomes));
-    assert!(outcomes.iter().any(|(_, e)| *e == Ended::Killed), "no kill landed mid-prune");
+    eprintln!("{}; states {states:?}", outcomes_line("cache prune --all", &outcomes));
+    assert!(states.contains(&1), "no kill landed among the deletions: {states:?}");
 }
