@@ -250,9 +250,11 @@ impl CacheIndex {
                 let path = file.path();
                 // Gone since the listing (a concurrent prune): not an entry any more.
                 let Ok(meta) = file.metadata() else { continue };
-                let layer = fs::read(&path)
-                    .ok()
-                    .and_then(|bytes| serde_json::from_slice::<CachedLayer>(&bytes).ok());
+                let layer = match fs::read(&path) {
+                    Ok(bytes) => serde_json::from_slice::<CachedLayer>(&bytes).ok(),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(_) => None,
+                };
                 out.push(IndexEntry {
                     key: CacheKey(digest),
                     layer,

@@ -389,15 +389,21 @@ impl Journal {
 }
 
 /// Disk usage of a directory tree, as `du` counts it (allocated blocks, hard links once).
+/// What disappears meanwhile (`cache stats` beside a prune) counts as nothing.
 fn disk_usage(dir: &Path) -> Result<u64> {
+    let gone =
+        |e: &walkdir::Error| e.io_error().is_some_and(|e| e.kind() == io::ErrorKind::NotFound);
     let mut seen = HashSet::new();
     let mut total = 0;
     for entry in walkdir::WalkDir::new(dir).follow_links(false) {
-        let entry = entry.map_err(|e| {
-            let path = e.path().unwrap_or(dir).to_path_buf();
-            io_err("read", &path)(e.into())
-        })?;
-        let meta = entry.metadata().map_err(|e| io_err("stat", entry.path())(e.into()))?;
+        let meta = match entry.and_then(|e| e.metadata()) {
+            Ok(meta) => meta,
+            Err(e) if gone(&e) => continue,
+            Err(e) => {
+                let path = e.path().unwrap_or(dir).to_path_buf();
+                return Err(io_err("read", &path)(e.into()));
+            }
+        };
         if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
             continue;
         }

@@ -128,9 +128,10 @@ fn prune(global: &GlobalArgs, args: CachePruneArgs, printer: &Printer) -> CliRes
         out.push_str(&format!("{would} snapshot: {id}\n"));
     }
     out.push_str(&format!(
-        "{} {} cache entries ({} kept)\n",
+        "{} {} cache {} ({} kept)\n",
         if report.dry_run { "Would remove" } else { "Removed" },
         report.entries_removed,
+        if report.entries_removed == 1 { "entry" } else { "entries" },
         report.entries_kept
     ));
     out.push_str(&format!(
