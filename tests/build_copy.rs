@@ -10,8 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use fixture::{
-    build_json, digests, ferry, layer_listings, project, skopeo_config, stat, umoci_unpack,
-    BUSYBOX_BASE,
+    build_json, digests, ferry, layer_digests, layer_listings, project, skopeo_config, stat,
+    umoci_unpack, BUSYBOX_BASE,
 };
 
 /// A busybox image whose filesystem has what COPY must not disturb: a 0700 /root, a
@@ -48,16 +48,6 @@ fn build_error(dir: &Path) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "the build must fail:\n{stderr}");
     stderr
-}
-
-/// The layer blob digests of a store image, bottom first.
-fn layer_digests(store: &Path, name: &str) -> Vec<String> {
-    fixture::store_manifest(store, name)["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["digest"].as_str().unwrap().to_string())
-        .collect()
 }
 
 fn steps(report: &serde_json::Value, image: &str) -> Vec<(u64, String)> {

@@ -1,8 +1,12 @@
-//! `ferry cache …`: the store's health.
+//! `ferry cache …`: the build cache's size and pruning, and the store's health.
+
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use ferry::build::cache::Clock;
+use ferry::build::cache_prune::{self, parse_age, parse_size, PrunePolicy};
 
-use super::images::{human_size, open_store, store_error};
+use super::images::{human_age, human_size, open_store, store_error};
 use super::{CliError, CliResult, ExitStatus, GlobalArgs, Printer};
 
 #[derive(Args, Debug)]
@@ -13,14 +17,130 @@ pub struct CacheArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CacheCommand {
+    /// What the build cache keeps: entries, layers and their bytes (shared with images or
+    /// reclaimable), snapshots, and when entries were last used.
+    Stats,
+    /// Remove build-cache entries, then the layers and snapshots nothing else needs.
+    Prune(CachePruneArgs),
     /// Re-hash every blob and check every image has all its blobs.
     Verify,
 }
 
+/// Which entries go. One of --keep-bytes, --older-than or --all is needed: a prune that
+/// guessed could throw away hours of builds.
+#[derive(Args, Debug)]
+pub struct CachePruneArgs {
+    /// Remove least recently used entries until the layers only the cache keeps take at
+    /// most N bytes (500MB, 10GB, 2GiB); layers images also use cost nothing.
+    #[arg(long, value_name = "N", value_parser = parse_size)]
+    pub keep_bytes: Option<u64>,
+    /// Remove entries unused for at least DURATION (72h, 7d, 2w); with --keep-bytes, only
+    /// such entries, and only as many as the budget needs.
+    #[arg(long, value_name = "DURATION", value_parser = parse_age)]
+    pub older_than: Option<Duration>,
+    /// Remove every entry (the next build is cold, with the same digests).
+    #[arg(long, conflicts_with_all = ["keep_bytes", "older_than"])]
+    pub all: bool,
+    /// Show what would be removed, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
 pub fn run(global: &GlobalArgs, args: CacheArgs, printer: &Printer) -> CliResult {
     match args.command {
+        CacheCommand::Stats => stats(global, printer),
+        CacheCommand::Prune(args) => prune(global, args, printer),
         CacheCommand::Verify => verify(global, printer),
     }
+}
+
+fn cache_error(e: cache_prune::CachePruneError) -> CliError {
+    CliError::invalid(miette::miette!("{e}"))
+}
+
+fn stats(global: &GlobalArgs, printer: &Printer) -> CliResult {
+    let store = open_store(global)?;
+    let s = cache_prune::stats(&store, Clock::from_env(), || super::prune::variant_roots(&store))
+        .map_err(cache_error)?;
+    if printer.json {
+        printer.json(&serde_json::to_value(&s).unwrap_or_default());
+        return Ok(ExitStatus::Success);
+    }
+    let mut out = format!("Cache entries:  {}\n", s.entries);
+    if s.dangling_entries + s.unreadable_entries > 0 {
+        out.push_str(&format!(
+            "  broken:       {} whose layer is gone, {} unreadable (builds miss them; any prune removes them)\n",
+            s.dangling_entries, s.unreadable_entries
+        ));
+    }
+    out.push_str(&format!("Layers:         {}, {}\n", s.layers, human_size(s.layer_bytes)));
+    out.push_str(&format!(
+        "  shared:       {}, {} (images in the store keep them anyway)\n",
+        s.shared_layers,
+        human_size(s.shared_bytes)
+    ));
+    out.push_str(&format!(
+        "  reclaimable:  {}, {}\n",
+        s.reclaimable_layers,
+        human_size(s.reclaimable_bytes)
+    ));
+    out.push_str(&format!(
+        "Snapshots:      {}, {} ({} reclaimable)\n",
+        s.snapshots,
+        human_size(s.snapshot_bytes),
+        human_size(s.reclaimable_snapshot_bytes)
+    ));
+    if let (Some(oldest), Some(newest)) = (&s.oldest_last_used, &s.newest_last_used) {
+        out.push_str(&format!(
+            "Last used:      {oldest} ({}) to {newest} ({})\n",
+            human_age(oldest),
+            human_age(newest)
+        ));
+    }
+    printer.text(&out);
+    Ok(ExitStatus::Success)
+}
+
+fn prune(global: &GlobalArgs, args: CachePruneArgs, printer: &Printer) -> CliResult {
+    if !args.all && args.keep_bytes.is_none() && args.older_than.is_none() {
+        return Err(CliError::invalid(miette::miette!(
+            help = "`ferry cache stats` shows what the cache keeps; add --dry-run to see what a prune would remove",
+            "say what to prune: --keep-bytes N (least recently used first), --older-than DURATION, or --all"
+        )));
+    }
+    let policy =
+        PrunePolicy { all: args.all, older_than: args.older_than, keep_bytes: args.keep_bytes };
+    let store = open_store(global)?;
+    let report = cache_prune::prune(&store, &policy, args.dry_run, Clock::from_env(), || {
+        super::prune::variant_roots(&store)
+    })
+    .map_err(cache_error)?;
+    if printer.json {
+        printer.json(&serde_json::to_value(&report).unwrap_or_default());
+        return Ok(ExitStatus::Success);
+    }
+    let would = if report.dry_run { "Would delete" } else { "Deleted" };
+    let mut out = String::new();
+    for d in &report.removed_blobs {
+        out.push_str(&format!("{would} layer: {d}\n"));
+    }
+    for id in &report.removed_snapshots {
+        out.push_str(&format!("{would} snapshot: {id}\n"));
+    }
+    out.push_str(&format!(
+        "{} {} cache {} ({} kept)\n",
+        if report.dry_run { "Would remove" } else { "Removed" },
+        report.entries_removed,
+        if report.entries_removed == 1 { "entry" } else { "entries" },
+        report.entries_kept
+    ));
+    out.push_str(&format!(
+        "Total {} space: {}\n",
+        if report.dry_run { "reclaimable" } else { "reclaimed" },
+        human_size(report.reclaimed_bytes)
+    ));
+    printer.text(&out);
+    Ok(ExitStatus::Success)
 }
 
 fn verify(global: &GlobalArgs, printer: &Printer) -> CliResult {

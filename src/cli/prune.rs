@@ -46,10 +46,17 @@ pub fn run(global: &GlobalArgs, args: PruneArgs, printer: &Printer) -> CliResult
 pub(super) fn cache_roots(store: &ferry::store::Store) -> Vec<ferry::digest::Digest> {
     let mut roots =
         ferry::build::cache::CacheIndex::open(store).map(|c| c.blobs()).unwrap_or_default();
-    if let Ok(variants) = ferry::release::variants::Variants::open(store) {
-        roots.extend(variants.blobs());
-    }
+    roots.extend(variant_roots(store));
     roots
+}
+
+/// Blobs the compression variants point at (kept by `cache prune` as by prune). A store
+/// without variants is left as it is (`cache prune --dry-run` and `cache stats` only read).
+pub(super) fn variant_roots(store: &ferry::store::Store) -> Vec<ferry::digest::Digest> {
+    if !store.root().join("compressed").is_dir() {
+        return Vec::new();
+    }
+    ferry::release::variants::Variants::open(store).map(|v| v.blobs()).unwrap_or_default()
 }
 
 /// Remove the extracted layers (RUN's lower dirs) of layers that neither an image left in

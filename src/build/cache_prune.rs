@@ -1,0 +1,596 @@
+//! `ferry cache stats` and `ferry cache prune`: what the build cache keeps on disk, and
+//! removing its entries (least recently used first, unused for a while, or all) with the
+//! layer blobs and snapshots nothing else needs, as `docker buildx du` and
+//! `docker builder prune` do for BuildKit.
+//!
+//! What a cache entry costs is what would be freed without it: a layer an image in the store
+//! (or a compression variant) also reaches is kept anyway and is "shared"; the rest is
+//! "reclaimable". `--keep-bytes` budgets the reclaimable layer blobs: shared layers cost the
+//! cache nothing, so their entries are never dropped to meet it.
+//!
+//! Safety, as for `ferry prune`: a real prune holds the store's `gc` lock exclusively, which
+//! every build holds shared from before it pins its bases until its images are named, so no
+//! build runs in between: a layer a build resolved from the cache is named by its image
+//! (or still by its entry) before a prune can look. Order on disk: a journal of what may be
+//! deleted, then the entries (deletions synced), then blobs, then snapshots, then the
+//! journal. Killed anywhere, no entry names a missing blob (and a missing blob would only be
+//! a cache miss), and the next prune finishes the deletions the journal lists.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::cache::{CacheError, CacheIndex, Clock, IndexEntry};
+use crate::digest::Digest;
+use crate::layer::snapshot_id;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CachePruneError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+}
+
+type Result<T, E = CachePruneError> = std::result::Result<T, E>;
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CachePruneError {
+    let path = path.to_path_buf();
+    move |source| CachePruneError::Io { action, path, source }
+}
+
+/// `ferry cache stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CacheStats {
+    /// Entries that give a layer (content keys and `COPY --from` aliases).
+    pub entries: usize,
+    /// Entries whose blob is gone: builds miss them; any prune removes them.
+    pub dangling_entries: usize,
+    /// Entries that cannot be read: builds miss them; any prune removes them.
+    pub unreadable_entries: usize,
+    /// Distinct layer blobs the entries keep, and their stored (compressed) bytes.
+    pub layers: usize,
+    pub layer_bytes: u64,
+    /// Of those, the layers an image in the store (or a compression variant) reaches: they
+    /// stay whatever the cache does.
+    pub shared_layers: usize,
+    pub shared_bytes: u64,
+    /// The layers only the cache keeps: what `cache prune --all` frees.
+    pub reclaimable_layers: usize,
+    pub reclaimable_bytes: u64,
+    /// Extracted layer snapshots of those layers, and their disk usage.
+    pub snapshots: usize,
+    pub snapshot_bytes: u64,
+    /// The part of `snapshot_bytes` whose layer no image in the store has.
+    pub reclaimable_snapshot_bytes: u64,
+    /// The least and the most recent use of an entry (RFC 3339), if there is one.
+    pub oldest_last_used: Option<String>,
+    pub newest_last_used: Option<String>,
+}
+
+/// Which entries `cache prune` removes. Entries that give no layer (unreadable, or their blob
+/// gone) are removed by every prune.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrunePolicy {
+    /// Every entry.
+    pub all: bool,
+    /// Only entries unused for at least this long (all entries when None).
+    pub older_than: Option<Duration>,
+    /// Of those, only as many as needed, least recently used first, for the reclaimable
+    /// layer bytes of the whole cache to be at most this many.
+    pub keep_bytes: Option<u64>,
+}
+
+/// What a prune removed (or, dry, would remove).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CachePruneReport {
+    pub dry_run: bool,
+    pub entries_removed: usize,
+    pub entries_kept: usize,
+    /// Layer blobs deleted: no image, variant or remaining entry reaches them.
+    pub removed_blobs: Vec<Digest>,
+    pub blob_bytes: u64,
+    /// Snapshot ids deleted, and their disk usage.
+    pub removed_snapshots: Vec<String>,
+    pub snapshot_bytes: u64,
+    pub reclaimed_bytes: u64,
+}
+
+/// Everything that decides what a cache entry costs, read once.
+struct Survey {
+    entries: Vec<IndexEntry>,
+    /// The size of every stored blob an entry names (absent: the blob is gone).
+    blob_sizes: HashMap<Digest, u64>,
+    /// Blobs that images and the caller's roots reach.
+    kept_by_images: HashSet<Digest>,
+    /// Snapshot ids of the layers of the images in the store.
+    image_snapshots: HashSet<String>,
+}
+
+impl Survey {
+    fn take(store: &Store, cache: &CacheIndex, roots: &[Digest]) -> Result<Survey> {
+        let entries = cache.list()?;
+        let mut blob_sizes = HashMap::new();
+        for layer in entries.iter().filter_map(|e| e.layer.as_ref()) {
+            let d = &layer.blob.digest;
+            if !blob_sizes.contains_key(d) {
+                if let Some(size) = store.blob_size(d)? {
+                    blob_sizes.insert(d.clone(), size);
+                }
+            }
+        }
+        let kept_by_images = store.reachable(roots)?;
+        let mut image_snapshots = HashSet::new();
+        for desc in store.read_index()?.manifests {
+            // An unreadable image keeps no snapshot; `cache verify` is where it is reported.
+            if let Ok(image) = store.image(&desc) {
+                image_snapshots.extend(image.config.rootfs.diff_ids.iter().map(snapshot_id));
+            }
+        }
+        Ok(Survey { entries, blob_sizes, kept_by_images, image_snapshots })
+    }
+
+    /// The layer blob an entry gives, if it gives one (readable, blob present).
+    fn blob_of<'a>(&self, entry: &'a IndexEntry) -> Option<&'a Digest> {
+        let d = &entry.layer.as_ref()?.blob.digest;
+        self.blob_sizes.contains_key(d).then_some(d)
+    }
+
+    /// What keeping a layer costs: its bytes, unless an image keeps it anyway.
+    fn cost(&self, blob: &Digest) -> u64 {
+        if self.kept_by_images.contains(blob) {
+            0
+        } else {
+            self.blob_sizes.get(blob).copied().unwrap_or(0)
+        }
+    }
+}
+
+/// `ferry cache stats`. Reads only: takes no lock, so a running build does not hold it up.
+pub fn stats(
+    store: &Store,
+    clock: Clock,
+    kept_roots: impl FnOnce() -> Vec<Digest>,
+) -> Result<CacheStats> {
+    let cache = CacheIndex::open_with_clock(store, clock)?;
+    let survey = Survey::take(store, &cache, &kept_roots())?;
+    let snapshots_dir = store.root().join("snapshots");
+    let mut s = CacheStats::default();
+    let mut layers = BTreeSet::new();
+    let mut snapshot_ids = BTreeSet::new();
+    for entry in &survey.entries {
+        let Some(layer) = &entry.layer else {
+            s.unreadable_entries += 1;
+            continue;
+        };
+        snapshot_ids.insert(snapshot_id(&layer.diff_id));
+        match survey.blob_of(entry) {
+            Some(blob) => {
+                s.entries += 1;
+                layers.insert(blob);
+            }
+            None => s.dangling_entries += 1,
+        }
+    }
+    for blob in layers {
+        let size = survey.blob_sizes.get(blob).copied().unwrap_or(0);
+        s.layers += 1;
+        s.layer_bytes += size;
+        if survey.cost(blob) == 0 {
+            s.shared_layers += 1;
+            s.shared_bytes += size;
+        } else {
+            s.reclaimable_layers += 1;
+            s.reclaimable_bytes += size;
+        }
+    }
+    for id in snapshot_ids {
+        let dir = snapshots_dir.join(&id);
+        if !dir.is_dir() {
+            continue;
+        }
+        let bytes = disk_usage(&dir)?;
+        s.snapshots += 1;
+        s.snapshot_bytes += bytes;
+        if !survey.image_snapshots.contains(&id) {
+            s.reclaimable_snapshot_bytes += bytes;
+        }
+    }
+    let uses = survey.entries.iter().map(|e| e.last_used);
+    s.oldest_last_used = uses.clone().min().map(rfc3339);
+    s.newest_last_used = uses.max().map(rfc3339);
+    Ok(s)
+}
+
+/// `ferry cache prune`: remove the entries `policy` selects, then the layer blobs and
+/// snapshots that no image, no compression variant (`kept_roots`, asked under the lock) and
+/// no remaining entry needs. A dry run changes nothing and takes no lock.
+pub fn prune(
+    store: &Store,
+    policy: &PrunePolicy,
+    dry_run: bool,
+    clock: Clock,
+    kept_roots: impl FnOnce() -> Vec<Digest>,
+) -> Result<CachePruneReport> {
+    // Waits for running builds, pulls and pushes; none starts until the prune is done.
+    let _gc = if dry_run { None } else { Some(store.lock("gc")?) };
+    let cache = CacheIndex::open_with_clock(store, clock)?;
+    let journal = Journal::path(&cache);
+    let unfinished = Journal::read(&journal);
+    let survey = Survey::take(store, &cache, &kept_roots())?;
+    let doomed = select(&survey, policy, clock.now());
+
+    let mut needed_blobs: HashSet<&Digest> = HashSet::new();
+    let mut needed_snapshots: HashSet<String> = survey.image_snapshots.clone();
+    let mut maybe_blobs: BTreeSet<Digest> = unfinished.blobs.into_iter().collect();
+    let mut maybe_snapshots: BTreeSet<String> = unfinished.snapshots.into_iter().collect();
+    for (entry, &doom) in survey.entries.iter().zip(&doomed) {
+        let Some(layer) = &entry.layer else { continue };
+        if doom {
+            maybe_blobs.insert(layer.blob.digest.clone());
+            maybe_snapshots.insert(snapshot_id(&layer.diff_id));
+        } else if let Some(blob) = survey.blob_of(entry) {
+            needed_blobs.insert(blob);
+            needed_snapshots.insert(snapshot_id(&layer.diff_id));
+        }
+    }
+    let mut report = CachePruneReport {
+        dry_run,
+        entries_removed: doomed.iter().filter(|d| **d).count(),
+        entries_kept: doomed.iter().filter(|d| !**d).count(),
+        ..CachePruneReport::default()
+    };
+    let mut blobs = Vec::new();
+    for d in maybe_blobs {
+        if needed_blobs.contains(&d) || survey.kept_by_images.contains(&d) {
+            continue;
+        }
+        // A journal's blob is not in the survey's sizes: ask the store.
+        let size = match survey.blob_sizes.get(&d) {
+            Some(s) => Some(*s),
+            None => store.blob_size(&d)?,
+        };
+        if let Some(size) = size {
+            report.blob_bytes += size;
+            blobs.push(d);
+        }
+    }
+    let snapshots_dir = store.root().join("snapshots");
+    let mut snapshots = Vec::new();
+    for id in maybe_snapshots.into_iter().filter(|id| !needed_snapshots.contains(id)) {
+        let dir = snapshots_dir.join(&id);
+        if dir.is_dir() {
+            report.snapshot_bytes += disk_usage(&dir)?;
+            snapshots.push(id);
+        }
+    }
+    report.reclaimed_bytes = report.blob_bytes + report.snapshot_bytes;
+    report.removed_blobs = blobs.clone();
+    report.removed_snapshots = snapshots.clone();
+    if dry_run {
+        return Ok(report);
+    }
+    if report.entries_removed == 0 && blobs.is_empty() && snapshots.is_empty() {
+        Journal::remove(&journal)?;
+        return Ok(report);
+    }
+
+    Journal { blobs: blobs.clone(), snapshots: snapshots.clone() }.write(store, &journal)?;
+    cache.remove(survey.entries.iter().zip(&doomed).filter(|(_, d)| **d).map(|(e, _)| e))?;
+    for d in &blobs {
+        let path = store.blob_path(d);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &path)(e)),
+        }
+    }
+    let doomed_snapshots: HashSet<&str> = snapshots.iter().map(String::as_str).collect();
+    crate::layer::prune_snapshots(&snapshots_dir, &|id| !doomed_snapshots.contains(id))
+        .map_err(io_err("remove snapshots in", &snapshots_dir))?;
+    Journal::remove(&journal)?;
+    Ok(report)
+}
+
+/// Which entries go: `true` at the index of each doomed entry of `survey.entries`.
+fn select(survey: &Survey, policy: &PrunePolicy, now: SystemTime) -> Vec<bool> {
+    let entries = &survey.entries;
+    let broken = |e: &IndexEntry| survey.blob_of(e).is_none();
+    if policy.all {
+        return vec![true; entries.len()];
+    }
+    let candidate = |e: &IndexEntry| match policy.older_than {
+        // A last use in this clock's future is a use now.
+        Some(age) => now.duration_since(e.last_used).is_ok_and(|a| a >= age),
+        None => policy.keep_bytes.is_some(),
+    };
+    let mut doomed: Vec<bool> = entries.iter().map(|e| broken(e) || candidate(e)).collect();
+    let Some(keep) = policy.keep_bytes else { return doomed };
+
+    // A budget: whole layers go, least recently used first, until the rest fits.
+    struct LayerUse {
+        last_used: SystemTime,
+        entries: Vec<usize>,
+        removable: bool,
+    }
+    let mut layers: BTreeMap<&Digest, LayerUse> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let Some(blob) = survey.blob_of(e) else { continue };
+        let l = layers.entry(blob).or_insert(LayerUse {
+            last_used: e.last_used,
+            entries: Vec::new(),
+            removable: true,
+        });
+        l.last_used = l.last_used.max(e.last_used);
+        l.entries.push(i);
+        l.removable &= doomed[i];
+        doomed[i] = false;
+    }
+    let mut total: u64 = layers.keys().map(|b| survey.cost(b)).sum();
+    let mut order: Vec<(&&Digest, &LayerUse)> = layers.iter().collect();
+    order.sort_by_key(|(blob, l)| (l.last_used, **blob));
+    for (blob, l) in order {
+        if total <= keep {
+            break;
+        }
+        let cost = survey.cost(blob);
+        if cost == 0 || !l.removable {
+            continue;
+        }
+        total -= cost;
+        for &i in &l.entries {
+            doomed[i] = true;
+        }
+    }
+    doomed
+}
+
+/// What an unfinished prune had decided to delete, kept until it is done so that a prune
+/// killed after removing entries does not leave their blobs to `ferry prune` alone. Always
+/// re-checked against the store before anything in it is deleted.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Journal {
+    blobs: Vec<Digest>,
+    snapshots: Vec<String>,
+}
+
+impl Journal {
+    /// Beside the entries' fan-out directories, under a name that is no entry.
+    fn path(cache: &CacheIndex) -> PathBuf {
+        cache.dir().join("prune-journal")
+    }
+
+    /// The journal of a killed prune; none (or an unreadable one) is an empty journal.
+    fn read(path: &Path) -> Journal {
+        fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn write(&self, store: &Store, path: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        store.atomic_write(path, &bytes)?;
+        Ok(())
+    }
+
+    fn remove(path: &Path) -> Result<()> {
+        match fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", path)(e)),
+        }
+    }
+}
+
+/// Disk usage of a directory tree, as `du` counts it (allocated blocks, hard links once).
+/// What disappears meanwhile (`cache stats` beside a prune) counts as nothing.
+fn disk_usage(dir: &Path) -> Result<u64> {
+    let gone =
+        |e: &walkdir::Error| e.io_error().is_some_and(|e| e.kind() == io::ErrorKind::NotFound);
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for entry in walkdir::WalkDir::new(dir).follow_links(false) {
+        let meta = match entry.and_then(|e| e.metadata()) {
+            Ok(meta) => meta,
+            Err(e) if gone(&e) => continue,
+            Err(e) => {
+                let path = e.path().unwrap_or(dir).to_path_buf();
+                return Err(io_err("read", &path)(e.into()));
+            }
+        };
+        if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        total += meta.blocks() * 512;
+    }
+    Ok(total)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A byte count as `--keep-bytes` takes it: a number with an optional unit, SI as ferry
+/// prints sizes (`kB`, `MB`, `GB`, `TB`: powers of 1000; `K`, `M`, `G`, `T` alike) or binary
+/// (`KiB`, `MiB`, `GiB`, `TiB`), any case; `1.5GB` is fine.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let s = text.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let bad = || {
+        format!("`{text}` is not a size: write a number of bytes with an optional unit, like 500MB or 10GB")
+    };
+    let n: f64 = number.parse().map_err(|_| bad())?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    let bytes = (n * scale).round();
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// A duration as `--older-than` takes it: one or more numbers with a unit, `s`, `m`, `h`,
+/// `d` (24 hours) or `w` (7 days): `72h`, `7d`, `1d12h`, `90m`.
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!("`{text}` is not a duration: write a number with a unit (s, m, h, d, w), like 72h or 7d")
+    };
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut secs: u64 = 0;
+    while !rest.is_empty() {
+        let end = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let n: u64 = rest[..end].parse().map_err(|_| bad())?;
+        let unit = rest[end..].chars().next().ok_or_else(bad)?;
+        let scale = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 7 * 86_400,
+            _ => return Err(bad()),
+        };
+        secs = n.checked_mul(scale).and_then(|v| secs.checked_add(v)).ok_or_else(bad)?;
+        rest = &rest[end + unit.len_utf8()..];
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::cache::CachedLayer;
+    use crate::build::key::CacheKey;
+    use crate::oci::Descriptor;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("10gb"), Ok(10_000_000_000));
+        assert_eq!(parse_size("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_size("2KiB"), Ok(2048));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("7 kB"), Ok(7000));
+        for bad in ["", "MB", "10XB", "-1GB", "1.2.3GB", "1e99TB"] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains("is not a size"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(parse_age("72h"), Ok(Duration::from_secs(72 * 3600)));
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_age("1d12h"), Ok(Duration::from_secs(36 * 3600)));
+        assert_eq!(parse_age("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_age("2w"), Ok(Duration::from_secs(14 * 86_400)));
+        assert_eq!(parse_age("0s"), Ok(Duration::ZERO));
+        for bad in ["", "7", "d", "7y", "1.5h", "-1h", "99999999999999999999w"] {
+            assert!(parse_age(bad).unwrap_err().contains("is not a duration"), "{bad}");
+        }
+    }
+
+    const T0: u64 = 1_800_000_000;
+    const H: u64 = 3600;
+
+    /// A survey of entries (blob name, hours after T0 last used); blob sizes by name;
+    /// `shared` blobs are reached by an image.
+    fn survey(entries: &[(&str, u64)], sizes: &[(&str, u64)], shared: &[&str]) -> Survey {
+        let blob = |name: &str| Digest::of(name.as_bytes());
+        let entries = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (name, hours))| {
+                IndexEntry::for_test(
+                    CacheKey(Digest::of(format!("key{i}").as_bytes())),
+                    (!name.is_empty()).then(|| CachedLayer {
+                        diff_id: Digest::of(format!("diff {name}").as_bytes()),
+                        blob: Descriptor::new(
+                            "application/vnd.oci.image.layer.v1.tar",
+                            blob(name),
+                            0,
+                        ),
+                        created_by: String::new(),
+                        resolves_to: None,
+                    }),
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(T0 + hours * H),
+                )
+            })
+            .collect();
+        Survey {
+            entries,
+            blob_sizes: sizes.iter().map(|(n, s)| (blob(n), *s)).collect(),
+            kept_by_images: shared.iter().map(|n| blob(n)).collect(),
+            image_snapshots: HashSet::new(),
+        }
+    }
+
+    fn now(hours: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(T0 + hours * H)
+    }
+
+    #[test]
+    fn keep_bytes_drops_whole_layers_least_recently_used_first() {
+        // Layer a: two entries (an alias), one used recently. Layer b: oldest. c: shared.
+        let s = survey(
+            &[("a", 0), ("a", 5), ("b", 1), ("c", 0), ("d", 3)],
+            &[("a", 100), ("b", 10), ("c", 1000), ("d", 50)],
+            &["c"],
+        );
+        let keep = |bytes| PrunePolicy { keep_bytes: Some(bytes), ..PrunePolicy::default() };
+        // Reclaimable: a 100 + b 10 + d 50 = 160. Under budget: nothing goes.
+        assert_eq!(select(&s, &keep(160), now(6)), [false; 5]);
+        // b (last used at 1) goes first, even though it is the smallest.
+        assert_eq!(select(&s, &keep(155), now(6)), [false, false, true, false, false]);
+        // Then d (3), then a (5, through its newer entry: both of its entries go).
+        assert_eq!(select(&s, &keep(100), now(6)), [false, false, true, false, true]);
+        assert_eq!(select(&s, &keep(0), now(6)), [true, true, true, false, true]);
+        // With --older-than, only layers all of whose entries are old enough can go.
+        let both = PrunePolicy {
+            keep_bytes: Some(0),
+            older_than: Some(Duration::from_secs(2 * H)),
+            all: false,
+        };
+        assert_eq!(select(&s, &both, now(6)), [false, false, true, false, true]);
+    }
+
+    #[test]
+    fn older_than_all_and_broken_entries() {
+        // The third entry's blob is gone, the fourth is unreadable.
+        let s = survey(&[("a", 0), ("b", 10), ("gone", 10), ("", 10)], &[("a", 1), ("b", 1)], &[]);
+        let older = |h| PrunePolicy {
+            older_than: Some(Duration::from_secs(h * H)),
+            ..PrunePolicy::default()
+        };
+        assert_eq!(select(&s, &older(10), now(11)), [true, false, true, true]);
+        assert_eq!(select(&s, &older(12), now(11)), [false, false, true, true]);
+        assert_eq!(select(&s, &older(0), now(11)), [true; 4]);
+        // A use in the clock's future is recent.
+        assert_eq!(select(&s, &older(1), now(5)), [true, false, true, true]);
+        assert_eq!(select(&s, &PrunePolicy::default(), now(11)), [false, false, true, true]);
+        let all = PrunePolicy { all: true, ..PrunePolicy::default() };
+        assert_eq!(select(&s, &all, now(0)), [true; 4]);
+    }
+}
