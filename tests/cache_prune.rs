@@ -32,6 +32,13 @@ struct Work {
     store: PathBuf,
 }
 
+/// `ferry` in `dir` on `store`, in the tests' clean environment.
+fn ferry_on(dir: &Path, store: &Path) -> Command {
+    let mut c = fixture::ferry(dir);
+    c.arg("--store").arg(store);
+    c
+}
+
 impl Work {
     fn new(files: &[(&str, &str)]) -> Work {
         let scratch = tempfile::tempdir().unwrap();
@@ -45,7 +52,7 @@ impl Work {
 
     /// `ferry` in the project with the store, at test time `now` (seconds).
     fn ferry(&self, now: u64) -> Command {
-        let mut c = push_support::ferry(self.dir(), &self.store);
+        let mut c = ferry_on(self.dir(), &self.store);
         c.env("FERRY_TEST_NOW", now.to_string());
         c
     }
@@ -77,7 +84,7 @@ impl Work {
     }
 
     fn verify(&self) {
-        crash_support::assert_verify(&mut push_support::ferry(self.dir(), &self.store), "verify");
+        crash_support::assert_verify(&mut ferry_on(self.dir(), &self.store), "verify");
     }
 }
 
@@ -554,7 +561,7 @@ fn a_prune_racing_builds_leaves_a_store_that_verifies() {
         w.write("a/a2", a.as_bytes());
         w.write("c/c2", c.as_bytes());
         let reference = tempfile::tempdir().unwrap();
-        let mut cmd = push_support::ferry(w.dir(), reference.path());
+        let mut cmd = ferry_on(w.dir(), reference.path());
         let out = cmd.args(["--json", "build"]).output().unwrap();
         assert!(out.status.success(), "reference build {i}");
         want.push(fixture::digests(&serde_json::from_slice(&out.stdout).unwrap()));
@@ -568,7 +575,7 @@ fn a_prune_racing_builds_leaves_a_store_that_verifies() {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let args: &[&str] =
                     if round % 2 == 0 { &["--keep-bytes", "0"] } else { &["--all"] };
-                let out = push_support::ferry(w.dir(), &w.store)
+                let out = ferry_on(w.dir(), &w.store)
                     .args(["--json", "cache", "prune"])
                     .args(args)
                     .output()
@@ -587,8 +594,7 @@ fn a_prune_racing_builds_leaves_a_store_that_verifies() {
             let v = builds % 2;
             w.write("a/a2", versions[v].0.as_bytes());
             w.write("c/c2", versions[v].1.as_bytes());
-            let out =
-                push_support::ferry(w.dir(), &w.store).args(["--json", "build"]).output().unwrap();
+            let out = ferry_on(w.dir(), &w.store).args(["--json", "build"]).output().unwrap();
             assert!(
                 out.status.success(),
                 "build {builds}: {}",
@@ -660,7 +666,7 @@ fn a_prune_killed_anywhere_leaves_a_store_that_verifies_and_builds() {
     let args = ["cache", "prune", "--all"];
     let timing = w._scratch.path().join("timing");
     copy_store(&source, &timing);
-    let (out, took) = timed(push_support::ferry(w.dir(), &timing).args(args));
+    let (out, took) = timed(ferry_on(w.dir(), &timing).args(args));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let entries_before = entries(&source).len();
     let mut outcomes = Vec::new();
@@ -674,7 +680,7 @@ fn a_prune_killed_anywhere_leaves_a_store_that_verifies_and_builds() {
         let store = w._scratch.path().join(format!("k{i}"));
         copy_store(&source, &store);
         let why = format!("cache prune killed after {after:?}");
-        let ended = kill_after(push_support::ferry(w.dir(), &store).args(args), after);
+        let ended = kill_after(ferry_on(w.dir(), &store).args(args), after);
         outcomes.push((after, ended));
         let journal = store.join("cache/prune-journal").exists();
         let entries_left = entries(&store).len();
@@ -689,15 +695,15 @@ fn a_prune_killed_anywhere_leaves_a_store_that_verifies_and_builds() {
         // As the kill left it: consistent, no entry without its blob, verify passes.
         check_store(&store, &why);
         assert_no_dangling_entry(&store, &why);
-        crash_support::assert_verify(&mut push_support::ferry(w.dir(), &store), &why);
+        crash_support::assert_verify(&mut ferry_on(w.dir(), &store), &why);
         // The next build works and gives the same images.
-        let out = push_support::ferry(w.dir(), &store).args(["--json", "build"]).output().unwrap();
+        let out = ferry_on(w.dir(), &store).args(["--json", "build"]).output().unwrap();
         assert!(out.status.success(), "{why}: build: {}", String::from_utf8_lossy(&out.stderr));
         let report: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(fixture::digests(&report), want, "{why}");
         // The next prune finishes what the killed one started: no first-version layer or
         // snapshot is left behind.
-        let out = push_support::ferry(w.dir(), &store).args(args).output().unwrap();
+        let out = ferry_on(w.dir(), &store).args(args).output().unwrap();
         assert!(out.status.success(), "{why}: re-run: {}", String::from_utf8_lossy(&out.stderr));
         let left: Vec<&&String> = v1_only.keys().filter(|d| has_blob(&store, d)).collect();
         assert!(left.is_empty(), "{why}: first-version layers left: {left:?}");
@@ -705,7 +711,7 @@ fn a_prune_killed_anywhere_leaves_a_store_that_verifies_and_builds() {
         let left: Vec<&&String> = v1_snapshots.iter().filter(|s| snaps.contains(**s)).collect();
         assert!(left.is_empty(), "{why}: first-version snapshots left: {left:?}");
         assert!(!store.join("cache/prune-journal").exists(), "{why}");
-        crash_support::assert_verify(&mut push_support::ferry(w.dir(), &store), &why);
+        crash_support::assert_verify(&mut ferry_on(w.dir(), &store), &why);
         std::fs::remove_dir_all(&store).unwrap();
         // Until a kill lands among the deletions, aim between the last kill that left the
         // store untouched and the first that found the prune done.
