@@ -8,8 +8,8 @@
 //! is the same, blobs mounted inside one registry or streamed between two, referrers with
 //! them — and only when every image's content is in the destination does it move tags
 //! (inside one registry, an image without referrers goes in with its tags: see
-//! `CopyWork::top_goes_with_tags`). A plan with a problem (an image missing in the source, an immutable tag held by another
-//! digest) executes nothing at all.
+//! `CopyWork::top_goes_with_tags`). A plan with a problem (an image missing in the
+//! source, an immutable tag held by another digest) executes nothing at all.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
