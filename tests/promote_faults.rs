@@ -29,13 +29,6 @@ tags = ["{{version}}", "latest"]
     )
 }
 
-fn proxy(
-    reg: &TestRegistry,
-    rule: impl Fn(&RequestInfo) -> Action + Send + Sync + 'static,
-) -> FaultProxy {
-    FaultProxy::start_with(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), &reg.host, rule)
-}
-
 /// The config and first layer of `repo@digest` in the registry at `host`.
 fn config_and_first_layer(host: &str, repo: &str, digest: &str) -> (String, String) {
     let path = format!("/v2/{repo}/manifests/{digest}");
@@ -109,7 +102,7 @@ fn transient_faults_on_both_registries_are_retried_while_streaming() {
     // blobs is cut after 100 bytes.
     let src_seen: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let seen = src_seen.clone();
-    let src_proxy = proxy(&src, move |r| {
+    let src_proxy = FaultProxy::in_front_of(&src, move |r| {
         let first = seen.lock().unwrap().insert(format!("{} {}", r.method, r.path));
         if r.method == "GET"
             && r.path.contains("/manifests/")
@@ -132,7 +125,7 @@ fn transient_faults_on_both_registries_are_retried_while_streaming() {
     let (faults, l, chosen) = (dst_faults.clone(), limit.clone(), limited.clone());
     let (web_layer_upload, web_config_upload) =
         (upload_query(&web_layer), upload_query(&web_config));
-    let dst_proxy = proxy(&dst, move |r| {
+    let dst_proxy = FaultProxy::in_front_of(&dst, move |r| {
         let p = r.path.as_str();
         let kind = match r.method.as_str() {
             "HEAD" => "head",
@@ -199,7 +192,7 @@ fn transient_faults_on_mounts_within_one_registry_are_retried() {
     let digests = staging(&reg, work.path());
     let faulted: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let f = faulted.clone();
-    let proxy = proxy(&reg, move |r| {
+    let proxy = FaultProxy::in_front_of(&reg, move |r| {
         let mount = r.method == "POST" && r.path.contains("mount=");
         let tag = r.method == "PUT" && !r.path.contains("/manifests/sha256:");
         if (mount || tag) && f.lock().unwrap().insert(r.path.clone()) {
@@ -239,7 +232,7 @@ fn persistent_faults_a_lying_source_and_timeouts_fail_the_promotion_and_move_no_
     }
     let fault = Arc::new(Mutex::new(Fault::None));
     let (f, layer) = (fault.clone(), web_layer.clone());
-    let src_proxy = proxy(&src, move |r| {
+    let src_proxy = FaultProxy::in_front_of(&src, move |r| {
         let web_layer_get = r.method == "GET" && r.path.ends_with(&format!("/blobs/{layer}"));
         if *f.lock().unwrap() == Fault::CutEveryDownloadOfWebLayer && web_layer_get {
             return Action::CutResponse(1000);
@@ -257,7 +250,7 @@ fn persistent_faults_a_lying_source_and_timeouts_fail_the_promotion_and_move_no_
         Action::Forward
     });
     let (f, layer) = (fault.clone(), web_layer.clone());
-    let dst_proxy = proxy(&dst, move |r| match *f.lock().unwrap() {
+    let dst_proxy = FaultProxy::in_front_of(&dst, move |r| match *f.lock().unwrap() {
         Fault::CutEveryUploadOfWebLayer
             if r.method == "PUT" && r.path.contains(&upload_query(&layer)) =>
         {

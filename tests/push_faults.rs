@@ -60,13 +60,6 @@ fn images(report: &Value) -> BTreeMap<String, (String, Option<String>)> {
         .collect()
 }
 
-fn proxy(
-    reg: &TestRegistry,
-    rule: impl Fn(&RequestInfo) -> Action + Send + Sync + 'static,
-) -> FaultProxy {
-    FaultProxy::start_with(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), &reg.host, rule)
-}
-
 /// `ferry --json push --env dev`, impatient: one retry, no backoff, `timeout` seconds (the
 /// default when None).
 fn impatient_push(
@@ -94,7 +87,7 @@ fn a_transient_fault_on_every_kind_of_request_is_retried_and_the_push_completes(
     let limited_keys: Arc<Mutex<BTreeMap<Kind, String>>> = Arc::default();
     let limit = Arc::new(RateLimit::default());
     let (f, k, l) = (faulted.clone(), limited_keys.clone(), limit.clone());
-    let proxy = proxy(&reg, move |r| {
+    let proxy = FaultProxy::in_front_of(&reg, move |r| {
         let kind = kind(r);
         let first = f.lock().unwrap().insert(kind);
         match kind {
@@ -158,7 +151,7 @@ fn a_registry_that_keeps_failing_one_request_fails_the_push_and_publishes_nothin
     // Which persistent fault applies to runtime's repository (the others go through).
     let fault: Arc<Mutex<Option<Kind>>> = Arc::default();
     let rule_fault = fault.clone();
-    let proxy = proxy(&reg, move |r| {
+    let proxy = FaultProxy::in_front_of(&reg, move |r| {
         if !r.path.starts_with("/v2/dev/acme/runtime/") {
             return Action::Forward;
         }
@@ -259,7 +252,7 @@ fn a_registry_slower_than_the_timeout_fails_the_push_and_a_slightly_slow_one_is_
     // 0: every answer 200ms late; 1: runtime's manifest later than the timeout.
     let mode = Arc::new(Mutex::new(0));
     let rule_mode = mode.clone();
-    let proxy = proxy(&reg, move |r| match *rule_mode.lock().unwrap() {
+    let proxy = FaultProxy::in_front_of(&reg, move |r| match *rule_mode.lock().unwrap() {
         1 if r.path.starts_with("/v2/dev/acme/runtime/")
             && kind(r) == Kind::PutManifestByDigest =>
         {

@@ -691,6 +691,14 @@ impl FaultProxy {
         FaultProxy::start(upstream, |_, _, _| Action::Forward)
     }
 
+    /// In front of `reg` on a free port, with a rule that sees headers.
+    pub fn in_front_of(
+        reg: &TestRegistry,
+        rule: impl Fn(&RequestInfo) -> Action + Send + Sync + 'static,
+    ) -> FaultProxy {
+        FaultProxy::start_with(TcpListener::bind("127.0.0.1:0").unwrap(), &reg.host, rule)
+    }
+
     /// Like `start`, on a listener the caller bound (to know the address first), with a
     /// rule that sees headers.
     pub fn start_with(
