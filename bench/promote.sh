@@ -187,16 +187,22 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 ferry_promote prodwarm
 skopeo_each "$ONE" "$ONE" skopeowarm
 
+# pair RUN FERRY_ENV SKOPEO_DEST: one timed run of each tool (f and s, in seconds), into
+# fresh namespaces; who goes first alternates with RUN, so neither always runs right
+# after the other.
+pair() {
+    if [ $(($1 % 2)) = 1 ]; then
+        f=$(timed ferry_promote "$2")
+        s=$(timed skopeo_each "$ONE" "$3" "skopeo$1")
+    else
+        s=$(timed skopeo_each "$ONE" "$3" "skopeo$1")
+        f=$(timed ferry_promote "$2")
+    fi
+}
+
 F1=() S1=() R1=() NOOP=() F2=() S2=() R2=() B1=() RB1=()
 for r in $(seq "$REPS"); do
-    # Alternate who goes first, so neither always runs right after the other.
-    if [ $((r % 2)) = 1 ]; then
-        f=$(timed ferry_promote "prod$r")
-        s=$(timed skopeo_each "$ONE" "$ONE" "skopeo$r")
-    else
-        s=$(timed skopeo_each "$ONE" "$ONE" "skopeo$r")
-        f=$(timed ferry_promote "prod$r")
-    fi
+    pair "$r" "prod$r" "$ONE"
     F1+=("$f") S1+=("$s") R1+=("$(ratio "$f" "$s")")
     if [ -n "${FERRY_BASELINE:-}" ]; then
         b=$(timed ferry_promote "prodbase$r" "$FERRY_BASELINE")
@@ -207,13 +213,7 @@ for r in $(seq "$REPS"); do
     NOOP+=("$(timed ferry_promote "prod$REPS")")
 done
 for r in $(seq "$REPS"); do
-    if [ $((r % 2)) = 1 ]; then
-        f=$(timed ferry_promote "remote$r")
-        s=$(timed skopeo_each "$ONE" "$TWO" "skopeo$r")
-    else
-        s=$(timed skopeo_each "$ONE" "$TWO" "skopeo$r")
-        f=$(timed ferry_promote "remote$r")
-    fi
+    pair "$r" "remote$r" "$TWO"
     F2+=("$f") S2+=("$s") R2+=("$(ratio "$f" "$s")")
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -608,6 +608,11 @@ impl RegistryClient {
         }
     }
 
+    /// A plain GET of `repo`'s (pull scope, no headers), retried like any request.
+    fn get_pulling(&self, ep: &Endpoint, repo: &Repository, url: Url) -> Result<Response> {
+        self.send(ep, &[pull_scope(&repo.path)], Method::GET, url, HeaderMap::new(), None, true)
+    }
+
     /// Send one request: auth, challenge answering, retries. Returns any final response
     /// other than 401 (the caller judges the status).
     #[allow(clippy::too_many_arguments)]
@@ -945,15 +950,7 @@ impl RegistryClient {
             #[serde(default)]
             tags: Option<Vec<String>>,
         }
-        let resp = self.send(
-            ep,
-            &[pull_scope(&repo.path)],
-            Method::GET,
-            url.clone(),
-            HeaderMap::new(),
-            None,
-            true,
-        )?;
+        let resp = self.get_pulling(ep, repo, url.clone())?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok((Vec::new(), None));
         }
@@ -995,15 +992,7 @@ impl RegistryClient {
         if let Some(t) = artifact_type {
             url.query_pairs_mut().append_pair("artifactType", t);
         }
-        let resp = self.send(
-            ep,
-            &[pull_scope(&repo.path)],
-            Method::GET,
-            url,
-            HeaderMap::new(),
-            None,
-            true,
-        )?;
+        let resp = self.get_pulling(ep, repo, url)?;
         if resp.status() == StatusCode::NOT_FOUND {
             lock(&self.referrers_api).insert(ep.api_host.clone(), false);
             return Ok(None);
@@ -1104,15 +1093,7 @@ impl Registry for RegistryClient {
     fn get_blob(&self, repo: &Repository, digest: &Digest) -> Result<BlobStream> {
         self.on_endpoints(&repo.registry, true, |ep| {
             let url = self.url(ep, &format!("/v2/{}/blobs/{digest}", repo.path))?;
-            let resp = self.send(
-                ep,
-                &[pull_scope(&repo.path)],
-                Method::GET,
-                url,
-                HeaderMap::new(),
-                None,
-                true,
-            )?;
+            let resp = self.get_pulling(ep, repo, url)?;
             if !resp.status().is_success() {
                 return Err(self.failure(ep, format!("blob {digest} of {}", repo.path), resp));
             }
