@@ -186,7 +186,7 @@ impl WorkTree {
         let index = tempfile::NamedTempFile::new()
             .map_err(|e| format!("cannot create a temp index: {e}"))?;
         if real.is_file() {
-            std::fs::copy(&real, index.path())
+            copy_index(&real, index.path())
                 .map_err(|e| format!("cannot copy the git index: {e}"))?;
         } else {
             // No index yet: git reads a missing file as empty, not an empty one.
@@ -206,5 +206,53 @@ impl WorkTree {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         git_with(&self.root, &args, Some(self.index.path()))
+    }
+}
+
+/// Copies a git index keeping its mtime. Git trusts an entry's cached stat data only when the
+/// file was last changed before the index was written; for an entry written in the same
+/// second as the index ("racily clean") it compares the content instead. A copy stamped
+/// *now* would make a same-second, same-size edit look clean, and the change would be missed.
+fn copy_index(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::copy(from, to)?;
+    let written = std::fs::metadata(from)?.modified()?;
+    std::fs::File::options().write(true).open(to)?.set_modified(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn run_git(dir: &Path, args: &[&str]) -> String {
+        git(dir, args).unwrap_or_else(|e| panic!("git {args:?}: {e}"))
+    }
+
+    /// A file edited in the same second it was committed, to the same size, is still seen as
+    /// changed (git would trust the stale stat data of an index copy stamped later).
+    #[test]
+    fn same_second_same_size_edit_is_a_change() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path();
+            std::fs::create_dir(root.join("ctx")).unwrap();
+            std::fs::write(root.join("ctx/port"), "8080").unwrap();
+            run_git(root, &["init", "-q"]);
+            run_git(root, &["add", "-A"]);
+            run_git(root, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first"]);
+            std::fs::write(root.join("ctx/port"), "9090").unwrap();
+            let index = root.join(".git/index");
+            let index_time = std::fs::metadata(&index).unwrap().mtime();
+            let edit_time = std::fs::metadata(root.join("ctx/port")).unwrap().ctime();
+            if index_time != edit_time {
+                continue; // a second boundary fell in between: the edit is not racy; retry
+            }
+            // Make sure the copy is stamped in a later second than the original index.
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            let tree = WorkTree::new(root).unwrap().tree(Path::new("ctx")).unwrap();
+            assert_ne!(tree, run_git(root, &["rev-parse", "HEAD:ctx"]), "the edit was missed");
+            return;
+        }
+        panic!("could not commit and edit within one second in five tries");
     }
 }
