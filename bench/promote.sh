@@ -64,6 +64,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Image numbers, two digits at least (img00 …), whatever the fleet's size.
+ids() { seq -f '%02g' 0 $((IMAGES - 1)); }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # start_registry NAME [ROOTDIR] [access]: a registry on a free port (REGISTRY_HOST, REGISTRY_PID).
@@ -114,7 +116,7 @@ if [ "$TAGS" = 2 ]; then DST_TAGS='["{version}", "latest"]'; else DST_TAGS='["{v
     echo '[project]'
     echo 'name = "bench"'
     echo
-    for i in $(seq -w 0 $((IMAGES - 1))); do
+    for i in $(ids); do
         echo "[images.img$i]"
         echo "context = \"img$i\""
         echo 'version = "1.0.0"'
@@ -137,7 +139,7 @@ if [ "$TAGS" = 2 ]; then DST_TAGS='["{version}", "latest"]'; else DST_TAGS='["{v
         echo
     done
 } >"$FLEET/images.toml"
-for i in $(seq -w 0 $((IMAGES - 1))); do
+for i in $(ids); do
     mkdir -p "$FLEET/img$i"
     cp "$WORK/base.bin" "$FLEET/img$i/base.bin"
     head -c $((LAYER_MB * 1024 * 1024)) /dev/urandom >"$FLEET/img$i/own.bin"
@@ -147,7 +149,7 @@ STORE=$WORK/store
 "$FERRY" -q -C "$FLEET" --store "$STORE" build >/dev/null
 
 # Publish into staging with skopeo (the store is an OCI layout).
-for i in $(seq -w 0 $((IMAGES - 1))); do
+for i in $(ids); do
     skopeo --insecure-policy copy -q --dest-tls-verify=false \
         "oci:$STORE:img$i" "docker://$ONE/staging/bench/img$i:1.0.0-rc"
 done
@@ -163,7 +165,7 @@ skopeo_each() {
     export HOME=$WORK/home/$2-$3 XDG_DATA_HOME=$WORK/home/$2-$3/.local/share
     mkdir -p "$HOME"
     local i dst
-    for i in $(seq -w 0 $((IMAGES - 1))); do
+    for i in $(ids); do
         dst=docker://$2/$3/bench/img$i
         skopeo --insecure-policy copy -q --src-tls-verify=false --dest-tls-verify=false \
             "docker://$1/staging/bench/img$i:1.0.0-rc" "$dst:1.0.0"
@@ -220,7 +222,7 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # Same digests under every tag, as skopeo reads them.
 digest() { skopeo inspect --tls-verify=false --format '{{.Digest}}' "docker://$1"; }
-for i in 00 $(printf '%02d' $((IMAGES - 1))); do
+for i in $(ids | sed -n '1p;$p'); do
     want=$(digest "$ONE/staging/bench/img$i:1.0.0-rc")
     for ref in "$ONE/prod1/bench/img$i:1.0.0" "$ONE/skopeo1/bench/img$i:1.0.0" \
         "$TWO/prod1/bench/img$i:1.0.0" "$TWO/skopeo1/bench/img$i:1.0.0"; do
