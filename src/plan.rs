@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::graph::{BaseRef, Graph};
 use crate::manifest::{Environment, Image, Manifest};
-use crate::release::template::{Rendered, TagValues};
+use crate::release::template::{Rendered, TagTemplate, TagValues};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
@@ -89,7 +89,24 @@ impl SourceInfo {
     /// Ask git about the tree at `dir`; the build number comes from `FERRY_BUILD` or the CI's
     /// run number; the date from SOURCE_DATE_EPOCH when set (reproducible), else today.
     pub fn discover(dir: &Path) -> SourceInfo {
+        SourceInfo::discover_with(dir, true)
+    }
+
+    /// [`SourceInfo::discover`] for rendering only `templates`: git runs only when one of
+    /// them needs its commit or branch (a promotion usually needs neither, and git costs a
+    /// process).
+    pub fn discover_for<'a>(
+        dir: &Path,
+        templates: impl IntoIterator<Item = &'a TagTemplate>,
+    ) -> SourceInfo {
+        SourceInfo::discover_with(dir, templates.into_iter().any(TagTemplate::uses_git))
+    }
+
+    fn discover_with(dir: &Path, ask_git: bool) -> SourceInfo {
         let git = |args: &[&str]| -> Option<String> {
+            if !ask_git {
+                return None;
+            }
             let out = Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
             out.status
                 .success()
@@ -339,5 +356,15 @@ mod tests {
         let detached = SourceInfo::discover(dir.path());
         assert_eq!(detached.git_sha.as_deref(), Some(sha.as_str()));
         assert_ne!(detached.branch.as_deref(), Some("HEAD"), "a detached HEAD is no branch");
+
+        // git is asked only for templates that need it.
+        let parse = |t: &str| TagTemplate::parse(t).unwrap();
+        let plain = [parse("{version}"), parse("latest"), parse("{env}-{build}")];
+        assert_eq!(SourceInfo::discover_for(dir.path(), &plain).git_sha, None);
+        for needs_git in ["{git_sha}", "{version}-{git_short}", "{branch}"] {
+            let templates = [parse("{version}"), parse(needs_git)];
+            let info = SourceInfo::discover_for(dir.path(), &templates);
+            assert_eq!(info.git_sha.as_deref(), Some(sha.as_str()), "{needs_git}");
+        }
     }
 }

@@ -69,7 +69,13 @@ pub fn run(global: &GlobalArgs, args: PromoteArgs, printer: &Printer) -> CliResu
         jobs: global.jobs.unwrap_or(8).max(1),
     };
     let client = RegistryClient::new(registry_config(&manifest));
-    let info = SourceInfo::discover(&manifest.root);
+    // The source tag names the image; the destination tags are applied.
+    let templates = [&request.from, &request.to]
+        .into_iter()
+        .filter_map(|env| manifest.environments.get(env))
+        .flat_map(|env| &env.tags)
+        .chain(manifest.images.values().flat_map(|image| &image.tags));
+    let info = SourceInfo::discover_for(&manifest.root, templates);
     printer.status(&format!("Planning the promotion from {} to {}", request.from, request.to));
     // Bad input and unusable registries are the environment's fault: exit 2.
     let plan = promote::plan(&manifest, &client, &request, &info)

@@ -132,6 +132,11 @@ impl TagTemplate {
         &self.source
     }
 
+    /// Whether rendering needs git: the commit or the branch.
+    pub fn uses_git(&self) -> bool {
+        ["git_sha", "git_short", "branch"].iter().any(|name| self.uses(name))
+    }
+
     fn uses(&self, name: &str) -> bool {
         self.pieces.iter().any(|p| matches!(p, Piece::Var(v) if *v == name))
     }
