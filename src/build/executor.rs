@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::cache::{CacheIndex, CachedLayer};
 use super::config::{self, StageFlags};
+use super::download::download;
 use super::key::CacheKey;
 use super::merged::{MergedView, PathKind};
 use super::rootfs;
@@ -1527,36 +1528,4 @@ fn copy_entry(
         _ => item.mode,
     };
     Ok(entry.with_mode(mode).with_owner(uid, gid))
-}
-
-/// Fetch an ADD URL (https, or http), checking `--checksum=sha256:…` when given. https
-/// servers are verified against the system's CA store (rustls with the platform verifier),
-/// so a private CA is trusted by installing it on the build machine.
-fn download(url: &str, checksum: Option<&str>) -> Result<Vec<u8>, String> {
-    // A malformed checksum is an error before any network traffic.
-    let expected: Option<Digest> =
-        checksum.map(|c| c.parse().map_err(|e| format!("ADD --checksum={c}: {e}"))).transpose()?;
-    // reqwest's top-level message ("error sending request") hides the cause: show the chain.
-    let describe = |e: reqwest::Error| {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            message.push_str(&format!(": {cause}"));
-            source = cause.source();
-        }
-        format!("ADD {url}: {message}")
-    };
-    crate::registry::use_ring_for_tls();
-    let response = reqwest::blocking::get(url).map_err(describe)?;
-    if !response.status().is_success() {
-        return Err(format!("ADD {url}: the server answered {}", response.status()));
-    }
-    let bytes = response.bytes().map_err(describe)?.to_vec();
-    if let Some(expected) = expected {
-        let actual = Digest::of(&bytes);
-        if actual != expected {
-            return Err(format!("ADD {url}: checksum mismatch: expected {expected}, got {actual}"));
-        }
-    }
-    Ok(bytes)
 }

@@ -6,6 +6,7 @@ pub mod bases;
 pub mod cache;
 pub mod cache_prune;
 pub mod config;
+pub mod download;
 pub mod executor;
 pub mod fleet;
 pub mod key;

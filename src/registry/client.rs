@@ -228,14 +228,11 @@ impl RegistryClient {
         if let Some(problem) = &self.config.settings_error {
             return Err(cfg_err(problem.clone()));
         }
-        super::use_ring_for_tls();
         // Every request sets its own timeout (an upload gets longer); this one covers the
         // probes and token requests.
-        let mut b = Client::builder()
-            .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
+        let mut b = super::http_client_builder()
             .timeout(self.config.timeout)
-            .connect_timeout(self.config.timeout.min(Duration::from_secs(20)))
-            .tcp_keepalive(Duration::from_secs(30));
+            .connect_timeout(self.config.timeout.min(Duration::from_secs(20)));
         let cas = &self.config.host(host).ca_files;
         let mut certs = Vec::new();
         for ca in cas {

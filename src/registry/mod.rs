@@ -20,6 +20,7 @@ use crate::reference::Repository;
 use crate::store::StoreError;
 
 pub use auth::{parse_challenges, pull_scope, push_scope, Challenge};
+pub(crate) use client::describe;
 pub use client::{RegistryClient, UploadPolicy, MAX_REQUESTS_IN_FLIGHT};
 pub use config::{
     RegistryConfig, RegistryHostConfig, RetryPolicy, DEFAULT_TIMEOUT, MIN_UPLOAD_RATE,
@@ -90,7 +91,7 @@ impl RegistryError {
 }
 
 /// `1s`, `1.5s`, `60s`: durations as a user sets them.
-fn seconds(d: &Duration) -> String {
+pub(crate) fn seconds(d: &Duration) -> String {
     let s = d.as_secs_f64();
     if s.fract() == 0.0 {
         format!("{s:.0}s")
@@ -141,11 +142,15 @@ pub enum MountOutcome {
     Uploaded,
 }
 
-/// Make ring the process's TLS crypto. reqwest is built without one (see Cargo.toml), and
-/// every HTTP client must be built after this: call it first wherever one is.
-pub fn use_ring_for_tls() {
+/// Where every HTTP client of ferry starts (registries, `ADD <url>`): ring as the TLS
+/// crypto (reqwest is built without one, see Cargo.toml, so it must be installed before
+/// any client is built), ferry's user agent, TCP keepalive.
+pub fn http_client_builder() -> reqwest::blocking::ClientBuilder {
     // Err only means a provider is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::blocking::Client::builder()
+        .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
+        .tcp_keepalive(std::time::Duration::from_secs(30))
 }
 
 /// The OCI distribution operations ferry needs.

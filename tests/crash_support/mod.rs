@@ -478,8 +478,7 @@ pub fn copy_store(from: &Path, to: &Path) {
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
 fn http() -> reqwest::blocking::Client {
-    ferry::registry::use_ring_for_tls();
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+    ferry::registry::http_client_builder().timeout(Duration::from_secs(60)).build().unwrap()
 }
 
 /// Every `repository:tag` of the registry at `host` under `prefix`, with the digest of the
