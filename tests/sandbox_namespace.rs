@@ -292,6 +292,38 @@ fn root_runs_with_dockers_capabilities_only() {
     assert!(output.contains("no-mount"), "{output}");
 }
 
+/// Docker lets root mknod any device but open only its default ones (its device cgroup).
+/// Here every filesystem a RUN step can write to is `nodev`: a node it makes is recorded
+/// (a layer may carry one) but cannot be opened, so a build cannot reach the host's disks.
+#[test]
+fn root_can_make_device_nodes_but_open_only_the_default_devices() {
+    let fixture = Fixture::new();
+    let cache = fixture.dir.path().join("cache");
+    let rw = fixture.dir.path().join("rw");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::create_dir(&rw).unwrap();
+    // c 1 3 is /dev/null's number: harmless should the open succeed.
+    let script = "for d in /node /dev/node /cache/node /rw/node /tmpfs/node; do \
+                    mknod $d c 1 3 || echo mknod-failed; \
+                    if (echo x > $d) 2>/dev/null; then echo $d opened; else echo $d refused; fi; \
+                  done; \
+                  echo x > /dev/null && head -c 3 /dev/zero | wc -c && head -c 3 /dev/urandom | wc -c";
+    let mut spec = fixture.spec(script);
+    spec.mounts = vec![
+        RunMount::Cache { host_dir: cache.clone(), target: "/cache".into() },
+        RunMount::Bind { source: rw.clone(), target: "/rw".into(), readonly: false },
+        RunMount::Tmpfs { target: "/tmpfs".into(), size: None },
+    ];
+    let output = run_ok(&fixture, &spec);
+    assert_eq!(
+        output,
+        "/node refused\n/dev/node refused\n/cache/node refused\n/rw/node refused\n\
+         /tmpfs/node refused\n3\n3\n",
+        "every node was made, none opened; the default devices work"
+    );
+    assert!(fixture.upper_tree().get("node").starts_with("char "), "the layer keeps the node");
+}
+
 #[test]
 fn resolv_conf_hosts_and_mount_targets_leave_no_trace() {
     let fixture = Fixture::with_lower(|lower| {

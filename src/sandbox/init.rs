@@ -381,8 +381,11 @@ fn build_rootfs(request: &InitRequest, rootless: bool) -> Result<(), StepError> 
                 let kind = target_kind_of(source)?;
                 let target = ensure(rootfs, target, kind)?;
                 bind(source, &target, true)?;
+                // nodev: a device node in the source, or one the step makes, stays closed.
                 if *readonly {
-                    remount_readonly(&target, MsFlags::empty())?;
+                    remount_readonly(&target, MsFlags::MS_NODEV)?;
+                } else {
+                    remount_bind(&target, MsFlags::MS_NODEV)?;
                 }
             }
             RunMount::Cache { host_dir, target } => {
@@ -394,6 +397,7 @@ fn build_rootfs(request: &InitRequest, rootless: bool) -> Result<(), StepError> 
                 }
                 let target = ensure(rootfs, target, TargetKind::Dir)?;
                 bind(host_dir, &target, true)?;
+                remount_bind(&target, MsFlags::MS_NODEV)?;
             }
             RunMount::Tmpfs { target, size } => {
                 let host = ensure(rootfs, target, TargetKind::Dir)?;
@@ -488,11 +492,14 @@ fn mount_overlay(request: &InitRequest, rootless: bool) -> Result<(), StepError>
     let (base, options) = overlay_options(&lowers, &spec.upper_dir, &spec.work_dir, rootless)
         .map_err(|message| step_failed("mount the overlay", message))?;
     unistd::chdir(&base).map_err(step_error(format!("enter {}", base.display())))?;
+    // nodev, as docker's device cgroup would: root may make a device node (the layer keeps
+    // it) or find one in a base image's layers, but cannot open it and reach a host device.
+    // setuid programs keep working (no nosuid), as in docker.
     mount(
         Some("overlay"),
         &request.rootfs,
         Some("overlay"),
-        MsFlags::empty(),
+        MsFlags::MS_NODEV,
         Some(options.as_str()),
     )
     .map_err(|e| {
@@ -588,11 +595,12 @@ fn mount_proc(rootfs: &Path) -> Result<(), StepError> {
 
 fn mount_dev(rootfs: &Path, rootless: bool) -> Result<(), StepError> {
     let dev = ensure(rootfs, "/dev", TargetKind::Dir)?;
+    // nodev: only the devices bound below open (each bind keeps the host mount's flags).
     mount(
         Some("tmpfs"),
         &dev,
         Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
         Some("mode=755,size=65536k"),
     )
     .map_err(step_error("mount a tmpfs on /dev"))?;
@@ -699,10 +707,15 @@ fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), StepError> 
 /// Makes a bind mount read-only. The flags the mount already has are kept: in a user
 /// namespace, dropping a flag such as nosuid that the host mount carries is refused.
 fn remount_readonly(target: &Path, extra: MsFlags) -> Result<(), StepError> {
-    let step = || format!("make {} read-only", target.display());
+    remount_bind(target, MsFlags::MS_RDONLY | extra)
+}
+
+/// Adds `extra` to a bind mount's flags, keeping those it has (see [`remount_readonly`]).
+fn remount_bind(target: &Path, extra: MsFlags) -> Result<(), StepError> {
+    let step = || format!("restrict the mount {}", target.display());
     let stat = nix::sys::statvfs::statvfs(target).map_err(|e| step_failed(step(), e.desc()))?;
     use nix::sys::statvfs::FsFlags;
-    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | extra;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra;
     for (fs, ms) in [
         (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
         (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
