@@ -266,6 +266,82 @@ fn independent_stages_run_concurrently() {
     assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
 }
 
+/// Stages `a` and `b` run at once (see `independent_stages_run_concurrently`), each with
+/// `mount` over /c running `script`; the child image copies what each wrote to /out.
+fn concurrent_cache_steps(mount: &str, script: &str) -> tempfile::TempDir {
+    let stage = |me: &str| format!("FROM bb AS {me}\nRUN {mount} ME={me}; {script}\n");
+    let child = format!(
+        "{}{}FROM bb\nCOPY --from=a /out /a\nCOPY --from=b /out /b\n",
+        stage("a"),
+        stage("b")
+    );
+    two_level("", &child)
+}
+
+#[test]
+fn cache_mount_sharing_locked_runs_one_step_at_a_time() {
+    // Each step holds /c/busy for a second. Shared, both steps would be in at once (the
+    // test above proves they run together) and one would fail its mkdir.
+    let dir = concurrent_cache_steps(
+        "--mount=type=cache,target=/c,id=apt,sharing=locked",
+        "mkdir /c/busy || exit 9; sleep 1; rmdir /c/busy; echo $ME > /out",
+    );
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &["--jobs", "2"]);
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("a")).unwrap(), "a\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
+}
+
+#[test]
+fn cache_mount_sharing_private_gives_a_busy_cache_another_directory() {
+    // Each step leaves its mark, waits for the other to have started, and lists the cache:
+    // private, each sees only its own mark. (Shared, both would see both.)
+    let dir = concurrent_cache_steps(
+        "--mount=type=cache,target=/c,id=pool,sharing=private \
+         --mount=type=cache,target=/sync,id=sync",
+        "touch /c/$ME /sync/$ME; i=0; while [ $(ls /sync | wc -l) -lt 2 ]; do i=$((i+1)); \
+         [ $i -gt 100 ] && exit 7; sleep 0.1; done; ls /c > /out",
+    );
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &["--jobs", "2"]);
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("a")).unwrap(), "a\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
+    // The pool keeps both directories for later steps.
+    let pool = std::fs::read_dir(store.path().join("mounts")).unwrap().count();
+    assert_eq!(pool, 3, "pool, pool-1 and sync");
+}
+
+#[test]
+fn cache_mount_owner_and_mode_apply_and_unknown_options_are_refused() {
+    let dir = two_level(
+        "",
+        "FROM bb\nRUN --mount=type=cache,target=/home/app/.cache,uid=1000,gid=1001,mode=0700 \
+         stat -c '%u %g %a' /home/app/.cache > /owner\n",
+    );
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(std::fs::read_to_string(rootfs.join("owner")).unwrap(), "1000 1001 700\n");
+
+    for (mount, expected) in [
+        ("sharing=lockd", "sharing `lockd` is not shared, private or locked"),
+        ("mode=rwx", "mode `rwx` is not an octal mode"),
+        ("from=bb", "option `from` is not supported"),
+    ] {
+        let dir =
+            two_level("", &format!("FROM bb\nRUN --mount=type=cache,target=/c,{mount} true\n"));
+        let out = ferry(dir.path()).arg("--store").arg(store.path()).arg("build").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{mount}: {err}");
+        assert!(err.contains("child/Dockerfile:2:") && err.contains(expected), "{mount}: {err}");
+    }
+}
+
 #[test]
 fn network_bind_tmpfs_healthcheck_maintainer_escape() {
     let child = "# escape=`\nFROM --platform=$BUILDPLATFORM bb AS tools\nRUN mkdir -p /opt && echo from-tools > /opt/t\n\nFROM bb\nMAINTAINER Acme Ops <ops@example.com>\nRUN --network=none cat /proc/net/dev | grep -c : > /ifaces\nRUN --mount=type=bind,source=data.txt,target=/in/data.txt cp /in/data.txt /copied `\n && test ! -w /in/data.txt || true\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /from-tools\nRUN --mount=type=bind,target=/ctx,rw echo changed > /ctx/data.txt && cat /ctx/data.txt > /rw-context\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools,rw echo more >> /mnt/tools/t && cat /mnt/tools/t > /rw-tools\nRUN --mount=type=bind,from=tools,source=/opt,target=/mnt/tools cp /mnt/tools/t /tools-again\nRUN --mount=type=tmpfs,target=/scratch echo temp > /scratch/f && cp /scratch/f /tmpfs-worked\nHEALTHCHECK --interval=5s --retries=2 CMD wget -q -O- localhost || exit 1\n";

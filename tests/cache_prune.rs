@@ -728,3 +728,52 @@ fn a_prune_killed_anywhere_leaves_a_store_that_verifies_and_builds() {
     eprintln!("{}; states {states:?}", outcomes_line("cache prune --all", &outcomes));
     assert!(states.contains(&1), "no kill landed among the deletions: {states:?}");
 }
+
+#[test]
+fn run_caches_are_counted_and_only_all_removes_them() {
+    let work = Work::new(&[
+        (
+            "images.toml",
+            "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.app]\ncontext = \"app\"\n",
+        ),
+        ("bb/Dockerfile", fixture::BUSYBOX_BASE),
+        (
+            "app/Dockerfile",
+            "FROM bb\nARG RUN=1\nRUN --mount=type=cache,target=/c,id=pkgs \
+             head -c 100000 /dev/zero > /c/blob-$RUN && ls /c | wc -l > /seen\n",
+        ),
+    ]);
+    work.build(T0, &[]);
+    let mounts = work.store.join("mounts");
+    let caches: Vec<PathBuf> =
+        std::fs::read_dir(&mounts).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(caches.len(), 1, "{caches:?}");
+    let stats = work.json(T0, &["cache", "stats"]);
+    assert_eq!(stats["run_caches"], 1, "{stats}");
+    assert_eq!(stats["run_cache_bytes"].as_u64().unwrap(), du(&caches[0]), "{stats}");
+    assert!(du(&caches[0]) >= 100_000);
+
+    // Only --all touches them: the other policies are about layers.
+    for args in [&["--keep-bytes", "0"][..], &["--older-than", "1s"], &["--all", "--dry-run"]] {
+        let mut all = vec!["cache", "prune"];
+        all.extend(args);
+        let report = work.json(T0 + DAY, &all);
+        assert!(caches[0].is_dir(), "{args:?} removed the RUN cache");
+        let listed = report["removed_run_caches"].as_array().unwrap().len();
+        assert_eq!(listed, usize::from(args[0] == "--all"), "{args:?}: {report}");
+    }
+    let report = work.json(T0 + DAY, &["cache", "prune", "--all"]);
+    assert_eq!(report["removed_run_caches"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(
+        report["run_cache_bytes"].as_u64().unwrap(),
+        stats["run_cache_bytes"].as_u64().unwrap()
+    );
+    assert!(!caches[0].exists());
+    assert_eq!(work.json(T0 + DAY, &["cache", "stats"])["run_caches"], 0);
+
+    // The next build starts from an empty cache: its step sees only its own file.
+    work.build(T0 + DAY, &["--arg", "RUN=2"]);
+    let scratch = tempfile::tempdir().unwrap();
+    let root = fixture::umoci_unpack(&work.store, "app", scratch.path());
+    assert_eq!(std::fs::read_to_string(root.join("seen")).unwrap().trim(), "1");
+}

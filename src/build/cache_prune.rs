@@ -74,6 +74,10 @@ pub struct CacheStats {
     /// The least and the most recent use of an entry (RFC 3339), if there is one.
     pub oldest_last_used: Option<String>,
     pub newest_last_used: Option<String>,
+    /// `RUN --mount=type=cache` directories and their disk usage (`cache prune --all`
+    /// removes them).
+    pub run_caches: usize,
+    pub run_cache_bytes: u64,
 }
 
 /// Which entries `cache prune` removes. Entries that give no layer (unreadable, or their blob
@@ -101,6 +105,9 @@ pub struct CachePruneReport {
     /// Snapshot ids deleted, and their disk usage.
     pub removed_snapshots: Vec<String>,
     pub snapshot_bytes: u64,
+    /// `RUN --mount=type=cache` directories deleted (`--all` only; one in use is kept).
+    pub removed_run_caches: Vec<String>,
+    pub run_cache_bytes: u64,
     pub reclaimed_bytes: u64,
 }
 
@@ -207,7 +214,55 @@ pub fn stats(
     let uses = survey.entries.iter().map(|e| e.last_used);
     s.oldest_last_used = uses.clone().min().map(rfc3339);
     s.newest_last_used = uses.max().map(rfc3339);
+    for dir in run_caches(store)? {
+        s.run_caches += 1;
+        s.run_cache_bytes += disk_usage(&dir)?;
+    }
     Ok(s)
+}
+
+/// The `RUN --mount=type=cache` directories of the store (with the private pools' extra
+/// directories; without the half-made `.new-*` ones a killed build may leave).
+fn run_caches(store: &Store) -> Result<Vec<PathBuf>> {
+    let mounts = store.root().join("mounts");
+    let listing = match fs::read_dir(&mounts) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("read", &mounts)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(io_err("read", &mounts))?;
+        if entry.file_type().map_err(io_err("read", &entry.path()))?.is_dir() {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Remove every RUN cache directory no step is using (`prune --all`), and the half-made
+/// ones; the names and bytes of the caches removed.
+fn prune_run_caches(store: &Store, dry_run: bool) -> Result<(Vec<String>, u64)> {
+    let mut removed = Vec::new();
+    let mut bytes = 0;
+    for dir in run_caches(store)? {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let half_made = name.starts_with(".new-");
+        // A step holds a flock on the directory it uses (shared or exclusive).
+        let lock = fs::File::open(&dir).map_err(io_err("open", &dir))?;
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        if !half_made {
+            bytes += disk_usage(&dir)?;
+            removed.push(name);
+        }
+        if !dry_run {
+            fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))?;
+        }
+    }
+    Ok((removed, bytes))
 }
 
 /// `ferry cache prune`: remove the entries `policy` selects, then the layer blobs and
@@ -272,7 +327,11 @@ pub fn prune(
             snapshots.push(id);
         }
     }
-    report.reclaimed_bytes = report.blob_bytes + report.snapshot_bytes;
+    if policy.all {
+        // Under the gc lock no build runs: a cache in use would be another store user's.
+        (report.removed_run_caches, report.run_cache_bytes) = prune_run_caches(store, dry_run)?;
+    }
+    report.reclaimed_bytes = report.blob_bytes + report.snapshot_bytes + report.run_cache_bytes;
     report.removed_blobs = blobs.clone();
     report.removed_snapshots = snapshots.clone();
     if dry_run {

@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::cache::{CacheIndex, CachedLayer};
+use super::cache_mount::CacheMount;
 use super::config::{self, StageFlags};
 use super::download::download;
 use super::key::CacheKey;
@@ -52,6 +53,8 @@ struct PreparedMount {
     /// What a bind mount reads when it is not the context read-only: prepared only when the
     /// step runs (a cached step never touches it), as a scratch tree.
     from: Option<BindFrom>,
+    /// A cache mount's directory is chosen and locked only when the step runs, too.
+    cache: Option<CacheMount>,
 }
 
 /// What the instructions of one stage can see.
@@ -1035,11 +1038,18 @@ impl Executor<'_> {
                 .into_layer_dirs();
             let tmp = self.store.tmp_dir();
             std::fs::create_dir_all(&tmp).map_err(|e| io("store tmp", &e))?;
-            // Bind mounts from a stage or image: their scratch trees live until the step ran.
+            // Bind mounts from a stage or image: their scratch trees live until the step ran;
+            // so do the locks of its cache mounts.
             let mut bind_scratches = Vec::new();
+            let mut held_caches = Vec::new();
             let mut run_mounts = Vec::new();
             for m in &mounts {
                 let mut mount = m.mount.clone();
+                if let (Some(cache), RunMount::Cache { host_dir, .. }) = (&m.cache, &mut mount) {
+                    let held = cache.acquire(self.store).map_err(&err)?;
+                    host_dir.clone_from(&held.dir);
+                    held_caches.push(held);
+                }
                 if let (Some(from), RunMount::Bind { source, readonly, .. }) = (&m.from, &mut mount)
                 {
                     let (scratch, path) = scratch::bind_source(self.store, from, source, *readonly)
@@ -1186,21 +1196,17 @@ impl Executor<'_> {
                         },
                         key,
                         from,
+                        cache: None,
                     });
                 }
                 "cache" => {
                     let target = target.ok_or("RUN --mount=type=cache needs target=")?;
-                    let id = opts.get("id").cloned().unwrap_or_else(|| target.clone());
-                    let dir = self
-                        .store
-                        .state_dir("mounts")
-                        .map_err(|e| e.to_string())?
-                        .join(Digest::of(id.as_bytes()).short());
-                    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                    let cache = CacheMount::parse(&opts, &target)?;
                     out.push(PreparedMount {
-                        mount: RunMount::Cache { host_dir: dir, target: target.clone() },
+                        mount: RunMount::Cache { host_dir: PathBuf::new(), target: target.clone() },
                         key: format!("cache:{target}"),
                         from: None,
+                        cache: Some(cache),
                     });
                 }
                 "tmpfs" => {
@@ -1219,6 +1225,7 @@ impl Executor<'_> {
                         mount: RunMount::Tmpfs { target: target.clone(), size },
                         key: format!("tmpfs:{target}"),
                         from: None,
+                        cache: None,
                     });
                 }
                 "secret" => {
@@ -1254,6 +1261,7 @@ impl Executor<'_> {
                         },
                         key: format!("secret:{id}:{target}"),
                         from: None,
+                        cache: None,
                     });
                 }
                 other => {

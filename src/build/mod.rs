@@ -4,6 +4,7 @@
 
 pub mod bases;
 pub mod cache;
+pub mod cache_mount;
 pub mod cache_prune;
 pub mod config;
 pub mod download;

@@ -90,6 +90,11 @@ fn stats(global: &GlobalArgs, printer: &Printer) -> CliResult {
         human_size(s.snapshot_bytes),
         human_size(s.reclaimable_snapshot_bytes)
     ));
+    out.push_str(&format!(
+        "RUN caches:     {}, {} (--mount=type=cache; prune --all removes them)\n",
+        s.run_caches,
+        human_size(s.run_cache_bytes)
+    ));
     if let (Some(oldest), Some(newest)) = (&s.oldest_last_used, &s.newest_last_used) {
         out.push_str(&format!(
             "Last used:      {oldest} ({}) to {newest} ({})\n",
@@ -126,6 +131,9 @@ fn prune(global: &GlobalArgs, args: CachePruneArgs, printer: &Printer) -> CliRes
     }
     for id in &report.removed_snapshots {
         out.push_str(&format!("{would} snapshot: {id}\n"));
+    }
+    for name in &report.removed_run_caches {
+        out.push_str(&format!("{would} RUN cache: {name}\n"));
     }
     out.push_str(&format!(
         "{} {} cache {} ({} kept)\n",
