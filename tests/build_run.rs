@@ -316,17 +316,21 @@ fn cache_mount_sharing_private_gives_a_busy_cache_another_directory() {
 }
 
 #[test]
-fn cache_mount_owner_and_mode_apply_and_unknown_options_are_refused() {
+fn cache_mount_owner_mode_and_one_id_twice_apply_and_unknown_options_are_refused() {
     let dir = two_level(
         "",
         "FROM bb\nRUN --mount=type=cache,target=/home/app/.cache,uid=1000,gid=1001,mode=0700 \
-         stat -c '%u %g %a' /home/app/.cache > /owner\n",
+         stat -c '%u %g %a' /home/app/.cache > /owner\n\
+         RUN --mount=type=cache,target=/a,id=x,sharing=locked \
+         --mount=type=cache,target=/b,id=x,sharing=locked touch /a/f && ls /b > /both\n",
     );
     let store = tempfile::tempdir().unwrap();
     build_json(dir.path(), store.path(), &[]);
     let work = tempfile::tempdir().unwrap();
     let rootfs = umoci_unpack(store.path(), "child", work.path());
     assert_eq!(std::fs::read_to_string(rootfs.join("owner")).unwrap(), "1000 1001 700\n");
+    // Two mounts of one locked id share its directory (and do not wait for each other).
+    assert_eq!(std::fs::read_to_string(rootfs.join("both")).unwrap(), "f\n");
 
     for (mount, expected) in [
         ("sharing=lockd", "sharing `lockd` is not shared, private or locked"),

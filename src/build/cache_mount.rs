@@ -41,6 +41,24 @@ pub struct CacheMount {
     pub mode: u32,
 }
 
+/// The directories of one step's cache mounts, by id: each id once (two mounts of one id
+/// share its directory; a second lock of it would wait for the first forever), taken in
+/// id order, so that steps wanting the same locked caches cannot wait for each other.
+pub fn acquire_all<'a>(
+    store: &Store,
+    mounts: impl IntoIterator<Item = &'a CacheMount>,
+) -> Result<BTreeMap<String, HeldCache>, String> {
+    let mut wanted: BTreeMap<&str, &CacheMount> = BTreeMap::new();
+    for m in mounts {
+        wanted.entry(m.id.as_str()).or_insert(m);
+    }
+    let mut held = BTreeMap::new();
+    for (id, m) in wanted {
+        held.insert(id.to_string(), m.acquire(store)?);
+    }
+    Ok(held)
+}
+
 /// A cache directory in use by one step; the lock is released when this drops.
 #[derive(Debug)]
 pub struct HeldCache {
@@ -91,7 +109,7 @@ impl CacheMount {
 
     /// The directory for one step, locked as `sharing` says (waiting when it must), made
     /// with the mount's owner and mode when it is new.
-    pub fn acquire(&self, store: &Store) -> Result<HeldCache, String> {
+    fn acquire(&self, store: &Store) -> Result<HeldCache, String> {
         let mounts = store.state_dir("mounts").map_err(|e| e.to_string())?;
         let name = Digest::of(self.id.as_bytes()).short().to_string();
         match self.sharing {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::cache::{CacheIndex, CachedLayer};
-use super::cache_mount::CacheMount;
+use super::cache_mount::{self, CacheMount};
 use super::config::{self, StageFlags};
 use super::download::download;
 use super::key::CacheKey;
@@ -1041,14 +1041,18 @@ impl Executor<'_> {
             // Bind mounts from a stage or image: their scratch trees live until the step ran;
             // so do the locks of its cache mounts.
             let mut bind_scratches = Vec::new();
-            let mut held_caches = Vec::new();
+            let held_caches = cache_mount::acquire_all(
+                self.store,
+                mounts.iter().filter_map(|m| m.cache.as_ref()),
+            )
+            .map_err(&err)?;
             let mut run_mounts = Vec::new();
             for m in &mounts {
                 let mut mount = m.mount.clone();
                 if let (Some(cache), RunMount::Cache { host_dir, .. }) = (&m.cache, &mut mount) {
-                    let held = cache.acquire(self.store).map_err(&err)?;
-                    host_dir.clone_from(&held.dir);
-                    held_caches.push(held);
+                    if let Some(held) = held_caches.get(&cache.id) {
+                        host_dir.clone_from(&held.dir);
+                    }
                 }
                 if let (Some(from), RunMount::Bind { source, readonly, .. }) = (&m.from, &mut mount)
                 {
