@@ -214,9 +214,12 @@ impl WorkTree {
 /// second as the index ("racily clean") it compares the content instead. A copy stamped
 /// *now* would make a same-second, same-size edit look clean, and the change would be missed.
 fn copy_index(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::copy(from, to)?;
-    let written = std::fs::metadata(from)?.modified()?;
-    std::fs::File::options().write(true).open(to)?.set_modified(written)
+    // One open file for both the bytes and their mtime: git may replace the index meanwhile.
+    let mut source = std::fs::File::open(from)?;
+    let written = source.metadata()?.modified()?;
+    let mut copy = std::fs::File::create(to)?;
+    std::io::copy(&mut source, &mut copy)?;
+    copy.set_modified(written)
 }
 
 #[cfg(test)]

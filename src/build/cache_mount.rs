@@ -8,9 +8,11 @@
 //! * `private`: one at a time; a step that finds the cache busy gets another directory of
 //!   the same id (a pool: `id`, `id-1`, …, kept for later steps).
 //!
-//! `uid`, `gid` and `mode` (default 0:0, 0755) apply when the directory is made. The lock is
-//! a flock on the directory itself, so it also holds between ferry processes sharing a
-//! store, and dies with a killed holder.
+//! `uid`, `gid` and `mode` (default 0:0, 0755) apply when the directory is made; a mount
+//! that sets them gets a cache of its own (as BuildKit's, seeded from a directory so made),
+//! so one image's root-owned cache never lands on another's non-root step. The lock is a
+//! flock on `<dir>.lock`, a file opened for writing (which NFS's emulation needs), so it
+//! also holds between ferry processes sharing a store and dies with a killed holder.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -41,20 +43,22 @@ pub struct CacheMount {
     pub mode: u32,
 }
 
-/// The directories of one step's cache mounts, by id: each id once (two mounts of one id
-/// share its directory; a second lock of it would wait for the first forever), taken in
-/// id order, so that steps wanting the same locked caches cannot wait for each other.
+/// The directories of one step's cache mounts: each directory once (two mounts of one
+/// cache share it; a second lock of it would wait for the first forever), taken in name
+/// order, so that steps wanting the same locked caches cannot wait for each other. Keyed
+/// by [`CacheMount::name`].
 pub fn acquire_all<'a>(
     store: &Store,
     mounts: impl IntoIterator<Item = &'a CacheMount>,
 ) -> Result<BTreeMap<String, HeldCache>, String> {
-    let mut wanted: BTreeMap<&str, &CacheMount> = BTreeMap::new();
+    let mut wanted: BTreeMap<String, &CacheMount> = BTreeMap::new();
     for m in mounts {
-        wanted.entry(m.id.as_str()).or_insert(m);
+        wanted.entry(m.name()).or_insert(m);
     }
     let mut held = BTreeMap::new();
-    for (id, m) in wanted {
-        held.insert(id.to_string(), m.acquire(store)?);
+    for (name, m) in wanted {
+        let dir = m.acquire(store)?;
+        held.insert(name, dir);
     }
     Ok(held)
 }
@@ -107,16 +111,28 @@ impl CacheMount {
         })
     }
 
+    /// The cache's directory name under `mounts/`: the id's digest, with the owner and mode
+    /// when they are not the defaults.
+    pub fn name(&self) -> String {
+        let default = (self.uid, self.gid, self.mode) == (0, 0, 0o755);
+        let key = if default {
+            self.id.clone()
+        } else {
+            format!("{}\0{}:{}:{:o}", self.id, self.uid, self.gid, self.mode)
+        };
+        Digest::of(key.as_bytes()).short().to_string()
+    }
+
     /// The directory for one step, locked as `sharing` says (waiting when it must), made
     /// with the mount's owner and mode when it is new.
     fn acquire(&self, store: &Store) -> Result<HeldCache, String> {
         let mounts = store.state_dir("mounts").map_err(|e| e.to_string())?;
-        let name = Digest::of(self.id.as_bytes()).short().to_string();
+        let name = self.name();
         match self.sharing {
             Sharing::Shared | Sharing::Locked => {
                 let dir = mounts.join(&name);
-                self.make(&dir)?;
-                let lock = open(&dir)?;
+                self.make(&mounts, &dir)?;
+                let lock = lock_file(&dir)?;
                 let locked =
                     if self.sharing == Sharing::Shared { lock.lock_shared() } else { lock.lock() };
                 locked.map_err(|e| format!("cannot lock the cache {}: {e}", dir.display()))?;
@@ -129,8 +145,8 @@ impl CacheMount {
                     } else {
                         mounts.join(format!("{name}-{n}"))
                     };
-                    self.make(&dir)?;
-                    let lock = open(&dir)?;
+                    self.make(&mounts, &dir)?;
+                    let lock = lock_file(&dir)?;
                     match lock.try_lock() {
                         Ok(()) => return Ok(HeldCache { dir, _lock: lock }),
                         Err(std::fs::TryLockError::WouldBlock) => continue,
@@ -144,17 +160,21 @@ impl CacheMount {
         }
     }
 
-    /// Make `dir` if it is missing, with its owner and mode set before it appears (a step
-    /// running at once sees it whole or not at all).
-    fn make(&self, dir: &Path) -> Result<(), String> {
+    /// Make `dir` if it is missing, with its owner and mode set before it appears, one
+    /// maker at a time (`mounts/.make.lock`), so that no step ever sees it half made.
+    fn make(&self, mounts: &Path, dir: &Path) -> Result<(), String> {
         if dir.is_dir() {
             return Ok(());
         }
-        let parent = dir.parent().unwrap_or(Path::new("."));
+        let make_lock = lock_file(&mounts.join(".make"))?;
+        make_lock.lock().map_err(|e| format!("cannot lock {}: {e}", mounts.display()))?;
+        if dir.is_dir() {
+            return Ok(());
+        }
         let fresh = tempfile::Builder::new()
             .prefix(".new-")
-            .tempdir_in(parent)
-            .map_err(|e| format!("cannot make a cache directory in {}: {e}", parent.display()))?;
+            .tempdir_in(mounts)
+            .map_err(|e| format!("cannot make a cache directory in {}: {e}", mounts.display()))?;
         // Made by ferry's user, which is 0:0 in the sandbox (root, or rootless mapped).
         if (self.uid, self.gid) != (0, 0) {
             std::os::unix::fs::chown(fresh.path(), Some(self.uid), Some(self.gid)).map_err(
@@ -168,26 +188,20 @@ impl CacheMount {
         }
         std::fs::set_permissions(fresh.path(), std::fs::Permissions::from_mode(self.mode))
             .map_err(|e| format!("cannot set the cache's mode: {e}"))?;
-        let fresh = fresh.keep();
-        // Never over another step's directory, even an empty one it has locked already.
-        let placed = nix::fcntl::renameat2(
-            nix::fcntl::AT_FDCWD,
-            &fresh,
-            nix::fcntl::AT_FDCWD,
-            dir,
-            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-        );
-        if let Err(e) = placed {
-            let _ = std::fs::remove_dir(&fresh);
-            // Another step made it first: theirs is as good.
-            if !dir.is_dir() {
-                return Err(format!("cannot make the cache {}: {}", dir.display(), e.desc()));
-            }
-        }
-        Ok(())
+        std::fs::rename(fresh.keep(), dir)
+            .map_err(|e| format!("cannot make the cache {}: {e}", dir.display()))
     }
 }
 
-fn open(dir: &Path) -> Result<File, String> {
-    File::open(dir).map_err(|e| format!("cannot open the cache {}: {e}", dir.display()))
+/// The lock file of a cache directory, `<dir>.lock`, open for writing.
+pub fn lock_file(dir: &Path) -> Result<File, String> {
+    let mut path = dir.as_os_str().to_owned();
+    path.push(".lock");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open the lock {}: {e}", Path::new(&path).display()))
 }

@@ -108,6 +108,8 @@ pub struct CachePruneReport {
     /// `RUN --mount=type=cache` directories deleted (`--all` only; one in use is kept).
     pub removed_run_caches: Vec<String>,
     pub run_cache_bytes: u64,
+    /// RUN caches that could not be removed, and why.
+    pub failed_run_caches: Vec<String>,
     pub reclaimed_bytes: u64,
 }
 
@@ -222,7 +224,8 @@ pub fn stats(
 }
 
 /// The `RUN --mount=type=cache` directories of the store (with the private pools' extra
-/// directories; without the half-made `.new-*` ones a killed build may leave).
+/// directories; without the lock files and the half-made `.new-*` ones a killed build may
+/// leave).
 fn run_caches(store: &Store) -> Result<Vec<PathBuf>> {
     let mounts = store.root().join("mounts");
     let listing = match fs::read_dir(&mounts) {
@@ -233,7 +236,8 @@ fn run_caches(store: &Store) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in listing {
         let entry = entry.map_err(io_err("read", &mounts))?;
-        if entry.file_type().map_err(io_err("read", &entry.path()))?.is_dir() {
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && entry.file_type().map_err(io_err("read", &entry.path()))?.is_dir() {
             out.push(entry.path());
         }
     }
@@ -241,28 +245,81 @@ fn run_caches(store: &Store) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// What `prune --all` did to the RUN caches.
+struct RunCachesPruned {
+    removed: Vec<String>,
+    bytes: u64,
+    /// Caches that could not be removed, and why (a prune does not stop for one).
+    failed: Vec<String>,
+}
+
 /// Remove every RUN cache directory no step is using (`prune --all`), and the half-made
-/// ones; the names and bytes of the caches removed.
-fn prune_run_caches(store: &Store, dry_run: bool) -> Result<(Vec<String>, u64)> {
-    let mut removed = Vec::new();
-    let mut bytes = 0;
+/// ones.
+fn prune_run_caches(store: &Store, dry_run: bool) -> Result<RunCachesPruned> {
+    let mut done = RunCachesPruned { removed: Vec::new(), bytes: 0, failed: Vec::new() };
     for dir in run_caches(store)? {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let half_made = name.starts_with(".new-");
-        // A step holds a flock on the directory it uses (shared or exclusive).
-        let lock = fs::File::open(&dir).map_err(io_err("open", &dir))?;
-        if lock.try_lock().is_err() {
-            continue;
+        // A step holds `<dir>.lock` (shared or exclusive) while it uses the directory.
+        let lock = match super::cache_mount::lock_file(&dir) {
+            Ok(lock) => lock,
+            Err(e) => {
+                done.failed.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => continue,
+            Err(fs::TryLockError::Error(e)) => {
+                done.failed.push(format!("{name}: cannot lock it: {e}"));
+                continue;
+            }
         }
-        if !half_made {
-            bytes += disk_usage(&dir)?;
-            removed.push(name);
-        }
+        let bytes = match disk_usage(&dir) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                done.failed.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
         if !dry_run {
-            fs::remove_dir_all(&dir).map_err(io_err("remove", &dir))?;
+            if let Err(e) = remove_tree(&dir) {
+                done.failed.push(format!("{name}: {e}"));
+                continue;
+            }
+            // Its lock goes too: no step can be waiting for it under the gc lock.
+            let mut lock_path = dir.into_os_string();
+            lock_path.push(".lock");
+            let _ = fs::remove_file(lock_path);
+        }
+        done.bytes += bytes;
+        done.removed.push(name);
+    }
+    if !dry_run {
+        // Half-made directories of a killed build (no build runs under the gc lock).
+        let mounts = store.root().join("mounts");
+        for entry in fs::read_dir(&mounts).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".new-") {
+                let _ = remove_tree(&entry.path());
+            }
         }
     }
-    Ok((removed, bytes))
+    Ok(done)
+}
+
+/// `rm -rf`, also through directories their owner made read-only (Go's module cache).
+fn remove_tree(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in walkdir::WalkDir::new(dir).follow_links(false).into_iter().flatten() {
+        if entry.file_type().is_dir() {
+            let meta = entry.metadata()?;
+            let mode = meta.permissions().mode();
+            if mode & 0o700 != 0o700 {
+                fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode | 0o700))?;
+            }
+        }
+    }
+    fs::remove_dir_all(dir)
 }
 
 /// `ferry cache prune`: remove the entries `policy` selects, then the layer blobs and
@@ -327,18 +384,27 @@ pub fn prune(
             snapshots.push(id);
         }
     }
-    if policy.all {
-        // Under the gc lock no build runs: a cache in use would be another store user's.
-        (report.removed_run_caches, report.run_cache_bytes) = prune_run_caches(store, dry_run)?;
-    }
-    report.reclaimed_bytes = report.blob_bytes + report.snapshot_bytes + report.run_cache_bytes;
+    report.reclaimed_bytes = report.blob_bytes + report.snapshot_bytes;
     report.removed_blobs = blobs.clone();
     report.removed_snapshots = snapshots.clone();
+    // Last, after the layers: a cache that will not go keeps nothing else from going.
+    let run_caches = |report: &mut CachePruneReport| -> Result<()> {
+        if policy.all {
+            let done = prune_run_caches(store, dry_run)?;
+            report.removed_run_caches = done.removed;
+            report.run_cache_bytes = done.bytes;
+            report.failed_run_caches = done.failed;
+            report.reclaimed_bytes += done.bytes;
+        }
+        Ok(())
+    };
     if dry_run {
+        run_caches(&mut report)?;
         return Ok(report);
     }
     if report.entries_removed == 0 && blobs.is_empty() && snapshots.is_empty() {
         Journal::remove(&journal)?;
+        run_caches(&mut report)?;
         return Ok(report);
     }
 
@@ -356,6 +422,7 @@ pub fn prune(
     crate::layer::prune_snapshots(&snapshots_dir, &|id| !doomed_snapshots.contains(id))
         .map_err(io_err("remove snapshots in", &snapshots_dir))?;
     Journal::remove(&journal)?;
+    run_caches(&mut report)?;
     Ok(report)
 }
 

@@ -1038,22 +1038,11 @@ impl Executor<'_> {
                 .into_layer_dirs();
             let tmp = self.store.tmp_dir();
             std::fs::create_dir_all(&tmp).map_err(|e| io("store tmp", &e))?;
-            // Bind mounts from a stage or image: their scratch trees live until the step ran;
-            // so do the locks of its cache mounts.
+            // Bind mounts from a stage or image: their scratch trees live until the step ran.
             let mut bind_scratches = Vec::new();
-            let held_caches = cache_mount::acquire_all(
-                self.store,
-                mounts.iter().filter_map(|m| m.cache.as_ref()),
-            )
-            .map_err(&err)?;
             let mut run_mounts = Vec::new();
             for m in &mounts {
                 let mut mount = m.mount.clone();
-                if let (Some(cache), RunMount::Cache { host_dir, .. }) = (&m.cache, &mut mount) {
-                    if let Some(held) = held_caches.get(&cache.id) {
-                        host_dir.clone_from(&held.dir);
-                    }
-                }
                 if let (Some(from), RunMount::Bind { source, readonly, .. }) = (&m.from, &mut mount)
                 {
                     let (scratch, path) = scratch::bind_source(self.store, from, source, *readonly)
@@ -1080,7 +1069,7 @@ impl Executor<'_> {
                     .map_err(|e| io("reading /etc/passwd", &e))?
                     .map_err(|m| err(format!("USER {user}: {m}")))?
             };
-            let spec = RunSpec {
+            let mut spec = RunSpec {
                 lower_dirs,
                 upper_dir: upper.clone(),
                 work_dir: work,
@@ -1094,12 +1083,26 @@ impl Executor<'_> {
                 mounts: run_mounts,
                 hostname: "ferry".to_string(),
             };
+            // Cache mounts are locked for the command only, not while layers are packed.
+            let held_caches = cache_mount::acquire_all(
+                self.store,
+                mounts.iter().filter_map(|m| m.cache.as_ref()),
+            )
+            .map_err(&err)?;
+            for (m, mount) in mounts.iter().zip(spec.mounts.iter_mut()) {
+                if let (Some(cache), RunMount::Cache { host_dir, .. }) = (&m.cache, mount) {
+                    if let Some(held) = held_caches.get(&cache.name()) {
+                        host_dir.clone_from(&held.dir);
+                    }
+                }
+            }
             let mut output =
                 |bytes: &[u8]| (self.progress)(&ctx.image.name, ProgressEvent::Output(bytes));
             let outcome = self
                 .sandbox
                 .run(&spec, &mut output)
                 .map_err(|e| err(format!("cannot run: {e}")))?;
+            drop(held_caches);
             if !outcome.status.success() {
                 let status = match outcome.status {
                     crate::sandbox::ExitStatus::Code(c) => format!("exit code {c}"),

@@ -135,6 +135,9 @@ fn prune(global: &GlobalArgs, args: CachePruneArgs, printer: &Printer) -> CliRes
     for name in &report.removed_run_caches {
         out.push_str(&format!("{would} RUN cache: {name}\n"));
     }
+    for failure in &report.failed_run_caches {
+        printer.warn(&format!("RUN cache {failure}; it stays"));
+    }
     out.push_str(&format!(
         "{} {} cache {} ({} kept)\n",
         if report.dry_run { "Would remove" } else { "Removed" },

@@ -728,6 +728,11 @@ fn remount_bind(target: &Path, extra: MsFlags) -> Result<(), StepError> {
             flags |= ms;
         }
     }
+    // Neither noatime nor relatime: the mount has strictatime, which a remount must name
+    // (left out, the kernel picks relatime, and a user namespace refuses that change).
+    if !stat.flags().intersects(FsFlags::ST_NOATIME | FsFlags::ST_RELATIME) {
+        flags |= MsFlags::MS_STRICTATIME;
+    }
     mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
         .map_err(|e| step_failed(step(), e.desc()))
 }
