@@ -513,11 +513,23 @@ fn check_remote_manifest(
     reference: &str,
     why: &str,
 ) -> String {
-    let resp = c
-        .get(format!("http://{host}/v2/{repo}/manifests/{reference}"))
-        .header("Accept", ACCEPT)
-        .send()
-        .unwrap();
+    let get = || {
+        c.get(format!("http://{host}/v2/{repo}/manifests/{reference}"))
+            .header("Accept", ACCEPT)
+            .send()
+            .unwrap()
+    };
+    // The registry may still be serving a tag PUT the killed client sent: distribution makes
+    // the tag's directory (which the listing shows) before it writes the tag's link. Such a
+    // tag settles within moments; one that names a missing manifest never does.
+    let mut resp = get();
+    for _ in 0..30 {
+        if resp.status() != reqwest::StatusCode::NOT_FOUND {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        resp = get();
+    }
     assert!(resp.status().is_success(), "{why}: {repo}:{reference} names no manifest");
     let bytes = resp.bytes().unwrap();
     let digest = sha256(&bytes);
