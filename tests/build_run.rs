@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+
 use common::fixture;
 
 use fixture::{
@@ -310,6 +312,9 @@ fn cache_mount_sharing_private_gives_a_busy_cache_another_directory() {
     let rootfs = umoci_unpack(store.path(), "child", work.path());
     assert_eq!(std::fs::read_to_string(rootfs.join("a")).unwrap(), "a\n");
     assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
+    // Only ferry's user may enter the caches (a step may leave device nodes in them).
+    let mode = std::fs::metadata(store.path().join("mounts")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
     // The pool keeps both directories for later steps.
     let pool = std::fs::read_dir(store.path().join("mounts"))
         .unwrap()

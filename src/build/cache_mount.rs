@@ -127,6 +127,11 @@ impl CacheMount {
     /// with the mount's owner and mode when it is new.
     fn acquire(&self, store: &Store) -> Result<HeldCache, String> {
         let mounts = store.state_dir("mounts").map_err(|e| e.to_string())?;
+        // Only ferry's user may enter: a step can leave anything in a cache, device nodes
+        // and setuid files included, and other users of the host must not reach them.
+        let private = std::fs::Permissions::from_mode(0o700);
+        std::fs::set_permissions(&mounts, private)
+            .map_err(|e| format!("cannot restrict {}: {e}", mounts.display()))?;
         let name = self.name();
         match self.sharing {
             Sharing::Shared | Sharing::Locked => {
