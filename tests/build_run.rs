@@ -4,6 +4,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use common::fixture;
 
@@ -268,6 +269,15 @@ fn independent_stages_run_concurrently() {
     assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
 }
 
+/// Build the fleet in `dir` into a new store; the store, and `child` unpacked from it.
+fn build_child(dir: &Path, args: &[&str]) -> (tempfile::TempDir, tempfile::TempDir, PathBuf) {
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir, store.path(), args);
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    (store, work, rootfs)
+}
+
 /// Stages `a` and `b` run at once (see `independent_stages_run_concurrently`), each with
 /// `mount` over /c running `script`; the child image copies what each wrote to /out.
 fn concurrent_cache_steps(mount: &str, script: &str) -> tempfile::TempDir {
@@ -288,10 +298,7 @@ fn cache_mount_sharing_locked_runs_one_step_at_a_time() {
         "--mount=type=cache,target=/c,id=apt,sharing=locked",
         "mkdir /c/busy || exit 9; sleep 1; rmdir /c/busy; echo $ME > /out",
     );
-    let store = tempfile::tempdir().unwrap();
-    build_json(dir.path(), store.path(), &["--jobs", "2"]);
-    let work = tempfile::tempdir().unwrap();
-    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    let (_store, _work, rootfs) = build_child(dir.path(), &["--jobs", "2"]);
     assert_eq!(std::fs::read_to_string(rootfs.join("a")).unwrap(), "a\n");
     assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
 }
@@ -306,10 +313,7 @@ fn cache_mount_sharing_private_gives_a_busy_cache_another_directory() {
         "touch /c/$ME /sync/$ME; i=0; while [ $(ls /sync | wc -l) -lt 2 ]; do i=$((i+1)); \
          [ $i -gt 100 ] && exit 7; sleep 0.1; done; ls /c > /out",
     );
-    let store = tempfile::tempdir().unwrap();
-    build_json(dir.path(), store.path(), &["--jobs", "2"]);
-    let work = tempfile::tempdir().unwrap();
-    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    let (store, _work, rootfs) = build_child(dir.path(), &["--jobs", "2"]);
     assert_eq!(std::fs::read_to_string(rootfs.join("a")).unwrap(), "a\n");
     assert_eq!(std::fs::read_to_string(rootfs.join("b")).unwrap(), "b\n");
     // Only ferry's user may enter the caches (a step may leave device nodes in them).
@@ -333,10 +337,7 @@ fn cache_mount_owner_mode_and_one_id_twice_apply_and_unknown_options_are_refused
          RUN --mount=type=cache,target=/a,id=x,sharing=locked \
          --mount=type=cache,target=/b,id=x,sharing=locked touch /a/f && ls /b > /both\n",
     );
-    let store = tempfile::tempdir().unwrap();
-    build_json(dir.path(), store.path(), &[]);
-    let work = tempfile::tempdir().unwrap();
-    let rootfs = umoci_unpack(store.path(), "child", work.path());
+    let (store, _work, rootfs) = build_child(dir.path(), &[]);
     // Another owner, another cache (as BuildKit's): root's cache of the same id was made
     // first and is not the one the uid=1000 step gets.
     assert_eq!(std::fs::read_to_string(rootfs.join("owner")).unwrap(), "1000 1001 700\n");
