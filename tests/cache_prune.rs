@@ -732,7 +732,7 @@ fn a_prune_killed_anywhere_leaves_a_store_that_verifies_and_builds() {
 }
 
 #[test]
-fn run_caches_are_counted_and_only_all_removes_them() {
+fn run_caches_are_counted_and_removed_by_all_or_when_unused() {
     let work = Work::new(&[
         (
             "images.toml",
@@ -758,27 +758,38 @@ fn run_caches_are_counted_and_only_all_removes_them() {
     assert_eq!(stats["run_cache_bytes"].as_u64().unwrap(), du(&caches[0]), "{stats}");
     assert!(du(&caches[0]) >= 100_000);
 
-    // Only --all touches them: the other policies are about layers.
-    for args in [&["--keep-bytes", "0"][..], &["--older-than", "1s"], &["--all", "--dry-run"]] {
+    // Used a day ago: --keep-bytes (a budget for layers) and --older-than 2d leave it; dry
+    // runs that would remove it change nothing.
+    for (args, listed) in [
+        (&["--keep-bytes", "0"][..], 0),
+        (&["--older-than", "2d"], 0),
+        (&["--older-than", "12h", "--dry-run"], 1),
+        (&["--all", "--dry-run"], 1),
+    ] {
         let mut all = vec!["cache", "prune"];
         all.extend(args);
         let report = work.json(T0 + DAY, &all);
         assert!(caches[0].is_dir(), "{args:?} removed the RUN cache");
-        let listed = report["removed_run_caches"].as_array().unwrap().len();
-        assert_eq!(listed, usize::from(args[0] == "--all"), "{args:?}: {report}");
+        let removed = report["removed_run_caches"].as_array().unwrap().len();
+        assert_eq!(removed, listed, "{args:?}: {report}");
     }
-    let report = work.json(T0 + DAY, &["cache", "prune", "--all"]);
+    // Used again by a step that runs (a cached step does not use it): not old any more.
+    work.build(T0 + DAY, &["--arg", "RUN=3"]);
+    let report = work.json(T0 + DAY + HOUR, &["cache", "prune", "--older-than", "12h"]);
+    assert!(report["removed_run_caches"].as_array().unwrap().is_empty(), "{report}");
+    assert!(caches[0].is_dir());
+    let report = work.json(T0 + 2 * DAY, &["cache", "prune", "--older-than", "12h"]);
     assert_eq!(report["removed_run_caches"].as_array().unwrap().len(), 1, "{report}");
-    assert_eq!(
-        report["run_cache_bytes"].as_u64().unwrap(),
-        stats["run_cache_bytes"].as_u64().unwrap()
-    );
+    assert!(report["run_cache_bytes"].as_u64().unwrap() >= 200_000, "{report}");
     assert!(!caches[0].exists());
-    assert_eq!(work.json(T0 + DAY, &["cache", "stats"])["run_caches"], 0);
+    assert_eq!(work.json(T0 + 2 * DAY, &["cache", "stats"])["run_caches"], 0);
 
     // The next build starts from an empty cache: its step sees only its own file.
-    work.build(T0 + DAY, &["--arg", "RUN=2"]);
+    work.build(T0 + 2 * DAY, &["--arg", "RUN=2"]);
     let scratch = tempfile::tempdir().unwrap();
     let root = fixture::umoci_unpack(&work.store, "app", scratch.path());
     assert_eq!(std::fs::read_to_string(root.join("seen")).unwrap().trim(), "1");
+    // And --all takes every cache, whatever its age.
+    let report = work.json(T0 + 2 * DAY, &["cache", "prune", "--all"]);
+    assert_eq!(report["removed_run_caches"].as_array().unwrap().len(), 1, "{report}");
 }

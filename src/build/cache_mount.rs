@@ -19,6 +19,7 @@ use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use super::cache::Clock;
 use crate::digest::Digest;
 use crate::store::Store;
 
@@ -68,6 +69,16 @@ pub fn acquire_all<'a>(
 pub struct HeldCache {
     pub dir: PathBuf,
     _lock: File,
+}
+
+impl HeldCache {
+    /// A cache now in use: its lock file's mtime is its last use (`cache prune
+    /// --older-than`; the test clock of `build::cache` applies). A failed stamp only makes
+    /// the cache look older.
+    fn used(dir: PathBuf, lock: File) -> HeldCache {
+        let _ = lock.set_modified(Clock::from_env().now());
+        HeldCache { dir, _lock: lock }
+    }
 }
 
 impl CacheMount {
@@ -141,7 +152,7 @@ impl CacheMount {
                 let locked =
                     if self.sharing == Sharing::Shared { lock.lock_shared() } else { lock.lock() };
                 locked.map_err(|e| format!("cannot lock the cache {}: {e}", dir.display()))?;
-                Ok(HeldCache { dir, _lock: lock })
+                Ok(HeldCache::used(dir, lock))
             }
             Sharing::Private => {
                 for n in 0.. {
@@ -153,7 +164,7 @@ impl CacheMount {
                     self.make(&mounts, &dir)?;
                     let lock = lock_file(&dir)?;
                     match lock.try_lock() {
-                        Ok(()) => return Ok(HeldCache { dir, _lock: lock }),
+                        Ok(()) => return Ok(HeldCache::used(dir, lock)),
                         Err(std::fs::TryLockError::WouldBlock) => continue,
                         Err(std::fs::TryLockError::Error(e)) => {
                             return Err(format!("cannot lock the cache {}: {e}", dir.display()))

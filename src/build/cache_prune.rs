@@ -75,7 +75,7 @@ pub struct CacheStats {
     pub oldest_last_used: Option<String>,
     pub newest_last_used: Option<String>,
     /// `RUN --mount=type=cache` directories and their disk usage (`cache prune --all`
-    /// removes them).
+    /// removes them, `--older-than` those unused for that long).
     pub run_caches: usize,
     pub run_cache_bytes: u64,
 }
@@ -105,7 +105,8 @@ pub struct CachePruneReport {
     /// Snapshot ids deleted, and their disk usage.
     pub removed_snapshots: Vec<String>,
     pub snapshot_bytes: u64,
-    /// `RUN --mount=type=cache` directories deleted (`--all` only; one in use is kept).
+    /// `RUN --mount=type=cache` directories deleted (by `--all`, or `--older-than` without
+    /// `--keep-bytes`; one in use is kept).
     pub removed_run_caches: Vec<String>,
     pub run_cache_bytes: u64,
     /// RUN caches that could not be removed, and why.
@@ -253,12 +254,26 @@ struct RunCachesPruned {
     failed: Vec<String>,
 }
 
-/// Remove every RUN cache directory no step is using (`prune --all`), and the half-made
-/// ones.
-fn prune_run_caches(store: &Store, dry_run: bool) -> Result<RunCachesPruned> {
+/// Remove every RUN cache directory no step is using and none used for `age` before `now`
+/// (a step's lock sets its lock file's mtime), and the half-made ones.
+fn prune_run_caches(
+    store: &Store,
+    dry_run: bool,
+    age: Duration,
+    now: SystemTime,
+) -> Result<RunCachesPruned> {
     let mut done = RunCachesPruned { removed: Vec::new(), bytes: 0, failed: Vec::new() };
     for dir in run_caches(store)? {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut lock_path = dir.clone().into_os_string();
+        lock_path.push(".lock");
+        let last_used =
+            fs::metadata(&lock_path).or_else(|_| fs::metadata(&dir)).and_then(|m| m.modified());
+        // A last use in this clock's future is a use now.
+        let old_enough = last_used.is_ok_and(|t| now.duration_since(t).is_ok_and(|a| a >= age));
+        if !old_enough {
+            continue;
+        }
         // A step holds `<dir>.lock` (shared or exclusive) while it uses the directory.
         let lock = match super::cache_mount::lock_file(&dir) {
             Ok(lock) => lock,
@@ -288,8 +303,6 @@ fn prune_run_caches(store: &Store, dry_run: bool) -> Result<RunCachesPruned> {
                 continue;
             }
             // Its lock goes too: no step can be waiting for it under the gc lock.
-            let mut lock_path = dir.into_os_string();
-            lock_path.push(".lock");
             let _ = fs::remove_file(lock_path);
         }
         done.bytes += bytes;
@@ -389,8 +402,14 @@ pub fn prune(
     report.removed_snapshots = snapshots.clone();
     // Last, after the layers: a cache that will not go keeps nothing else from going.
     let run_caches = |report: &mut CachePruneReport| -> Result<()> {
-        if policy.all {
-            let done = prune_run_caches(store, dry_run)?;
+        // --all, or unused for --older-than (--keep-bytes budgets layers, not these).
+        let unused_for = match (policy.all, policy.older_than, policy.keep_bytes) {
+            (true, _, _) => Some(Duration::ZERO),
+            (false, Some(age), None) => Some(age),
+            _ => None,
+        };
+        if let Some(age) = unused_for {
+            let done = prune_run_caches(store, dry_run, age, clock.now())?;
             report.removed_run_caches = done.removed;
             report.run_cache_bytes = done.bytes;
             report.failed_run_caches = done.failed;

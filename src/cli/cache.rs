@@ -35,10 +35,12 @@ pub struct CachePruneArgs {
     #[arg(long, value_name = "N", value_parser = parse_size)]
     pub keep_bytes: Option<u64>,
     /// Remove entries unused for at least DURATION (72h, 7d, 2w); with --keep-bytes, only
-    /// such entries, and only as many as the budget needs.
+    /// such entries, and only as many as the budget needs. Alone, also the RUN caches
+    /// (`--mount=type=cache`) no step used for that long.
     #[arg(long, value_name = "DURATION", value_parser = parse_age)]
     pub older_than: Option<Duration>,
-    /// Remove every entry (the next build is cold, with the same digests).
+    /// Remove every entry (the next build is cold, with the same digests) and every RUN
+    /// cache no step is using.
     #[arg(long, conflicts_with_all = ["keep_bytes", "older_than"])]
     pub all: bool,
     /// Show what would be removed, and change nothing.
@@ -91,7 +93,7 @@ fn stats(global: &GlobalArgs, printer: &Printer) -> CliResult {
         human_size(s.reclaimable_snapshot_bytes)
     ));
     out.push_str(&format!(
-        "RUN caches:     {}, {} (--mount=type=cache; prune --all removes them)\n",
+        "RUN caches:     {}, {} (--mount=type=cache; prune --all or --older-than removes them)\n",
         s.run_caches,
         human_size(s.run_cache_bytes)
     ));
