@@ -46,18 +46,33 @@ fn respond(path: &str, count: usize, stream: &mut TcpStream) -> std::io::Result<
             std::thread::sleep(Duration::from_secs(5));
             Ok(())
         }
+        // 429 asking for a second the first time, then the file.
+        "/limited" if count == 1 => stream.write_all(
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ),
+        "/limited" => {
+            stream.write_all(ok_head.as_bytes())?;
+            stream.write_all(BODY)
+        }
+        // Come back in an hour.
+        "/patience" => stream.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 3600\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ),
         "/broken" => stream.write_all(status("500 Internal Server Error").as_bytes()),
         "/forbidden" => stream.write_all(status("403 Forbidden").as_bytes()),
         _ => stream.write_all(status("404 Not Found").as_bytes()),
     }
 }
 
+/// The paths the test server counts requests of (the last counts every other path).
+const PATHS: [&str; 8] =
+    ["/flaky", "/slow", "/stall", "/broken", "/forbidden", "/limited", "/patience", "/other"];
+
 /// An HTTP/1.1 server on loopback, one thread per connection, counting requests per path.
-fn serve() -> (u16, Arc<[AtomicUsize; 6]>) {
-    const PATHS: [&str; 6] = ["/flaky", "/slow", "/stall", "/broken", "/forbidden", "/other"];
+fn serve() -> (u16, Arc<[AtomicUsize; 8]>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let counts: Arc<[AtomicUsize; 6]> = Arc::new(Default::default());
+    let counts: Arc<[AtomicUsize; 8]> = Arc::new(Default::default());
     let seen = counts.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
@@ -75,7 +90,7 @@ fn serve() -> (u16, Arc<[AtomicUsize; 6]>) {
                 let line =
                     String::from_utf8_lossy(&request).lines().next().unwrap_or("").to_string();
                 let path = line.split(' ').nth(1).unwrap_or("").to_string();
-                let slot = PATHS.iter().position(|p| *p == path).unwrap_or(5);
+                let slot = PATHS.iter().position(|p| *p == path).unwrap_or(PATHS.len() - 1);
                 let count = seen[slot].fetch_add(1, Ordering::SeqCst) + 1;
                 let _ = respond(&path, count, &mut stream);
             });
@@ -111,7 +126,8 @@ fn a_failing_server_is_tried_again_and_a_slow_one_is_waited_for() {
             &format!(
                 "FROM scratch\n\
                  ADD http://127.0.0.1:{port}/flaky /flaky.txt\n\
-                 ADD http://127.0.0.1:{port}/slow /slow.txt\n"
+                 ADD http://127.0.0.1:{port}/slow /slow.txt\n\
+                 ADD http://127.0.0.1:{port}/limited /limited.txt\n"
             ),
         ),
     ]);
@@ -119,13 +135,16 @@ fn a_failing_server_is_tried_again_and_a_slow_one_is_waited_for() {
     let started = Instant::now();
     let out = build(dir.path(), store.path(), "2");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // The slow download took longer than the timeout: the timeout is per wait, not total.
-    assert!(started.elapsed() > Duration::from_secs(2));
+    // The slow download took longer than the timeout (the timeout is per wait, not
+    // total), and the 429 was waited out for the second it asked.
+    assert!(started.elapsed() > Duration::from_millis(3400));
     assert_eq!(counts[0].load(Ordering::SeqCst), 2, "the 503 was tried again, once");
+    assert_eq!(counts[5].load(Ordering::SeqCst), 2, "the 429 was tried again, once");
     let work = tempfile::tempdir().unwrap();
     let root = umoci_unpack(store.path(), "dl", work.path());
     assert_eq!(std::fs::read(root.join("flaky.txt")).unwrap(), BODY);
     assert_eq!(std::fs::read(root.join("slow.txt")).unwrap(), BODY);
+    assert_eq!(std::fs::read(root.join("limited.txt")).unwrap(), BODY);
 }
 
 #[test]
@@ -136,6 +155,8 @@ fn a_quiet_or_failing_server_fails_the_step_and_says_why() {
         ("/broken", "2", "500 Internal Server Error (3 tries)", 3),
         // A refusal is not worth another try.
         ("/forbidden", "2", "403 Forbidden", 1),
+        // Nor a wait longer than the cap.
+        ("/patience", "2", "asks to wait 3600s", 1),
     ] {
         let dir = project(&[
             ("images.toml", &manifest()),
@@ -150,7 +171,7 @@ fn a_quiet_or_failing_server_fails_the_step_and_says_why() {
         assert!(err.contains(&format!("ADD http://127.0.0.1:{port}{path}")), "{path}: {err}");
         assert!(err.contains(expected), "{path}: expected {expected:?} in {err}");
         assert!(started.elapsed() < Duration::from_secs(4), "{path}: gave up late");
-        let slot = ["/stall", "/broken", "/forbidden"].iter().position(|p| *p == path).unwrap();
-        assert_eq!(counts[slot + 2].load(Ordering::SeqCst), requests, "{path}: requests");
+        let slot = PATHS.iter().position(|p| *p == path).unwrap();
+        assert_eq!(counts[slot].load(Ordering::SeqCst), requests, "{path}: requests");
     }
 }

@@ -3,7 +3,8 @@
 //! Downloads use the network settings registries do (`FERRY_REGISTRY_TIMEOUT`, `_RETRIES`,
 //! `_BACKOFF`): a server that goes quiet for the timeout fails the step, however long the
 //! whole download takes while bytes keep coming; a refused connection, a timeout, a 5xx
-//! or a 429 is tried again with backoff. A 4xx other than 429 fails at once.
+//! or a 429 is tried again with backoff, or after the server's `Retry-After` (up to
+//! `FERRY_REGISTRY_MAX_RETRY_AFTER`). A 4xx other than 429 fails at once.
 
 use std::io::Read;
 use std::sync::LazyLock;
@@ -49,14 +50,21 @@ pub fn download(url: &str, checksum: Option<&str>) -> Result<Vec<u8>, String> {
         attempt += 1;
         match fetch(client, url) {
             Ok(bytes) => break bytes,
-            Err(Failure { message, transient }) => {
+            Err(Failure { message, transient, retry_after }) => {
+                if let Some(wait) = retry_after.filter(|w| *w > retry.max_retry_after) {
+                    return Err(format!(
+                        "ADD {url}: {message}, and the server asks to wait {} (more than FERRY_REGISTRY_MAX_RETRY_AFTER, {})",
+                        registry::seconds(&wait),
+                        registry::seconds(&retry.max_retry_after)
+                    ));
+                }
                 if !transient || attempt >= retry.attempts {
                     let tries =
                         if attempt == 1 { String::new() } else { format!(" ({attempt} tries)") };
                     return Err(format!("ADD {url}: {message}{tries}"));
                 }
                 tracing::info!(%url, attempt, error = %message, "download failed; trying again");
-                std::thread::sleep(retry.backoff(attempt));
+                std::thread::sleep(retry_after.unwrap_or_else(|| retry.backoff(attempt)));
             }
         }
     };
@@ -73,19 +81,24 @@ struct Failure {
     message: String,
     /// Worth another try: the server or the network may recover.
     transient: bool,
+    /// How long the server asked to wait first.
+    retry_after: Option<Duration>,
 }
 
 fn fetch(client: &Client, url: &str) -> Result<Vec<u8>, Failure> {
     let network = |e: reqwest::Error| Failure {
         transient: e.is_connect() || e.is_timeout() || e.is_request() || e.is_body(),
         message: registry::describe(&e),
+        retry_after: None,
     };
     let mut response = client.get(url).send().map_err(network)?;
     let status = response.status();
     if !status.is_success() {
+        let transient = status.is_server_error() || status.as_u16() == 429;
         return Err(Failure {
             message: format!("the server answered {status}"),
-            transient: status.is_server_error() || status.as_u16() == 429,
+            transient,
+            retry_after: registry::retry_after(response.headers()).filter(|_| transient),
         });
     }
     let mut bytes = Vec::new();
@@ -104,7 +117,7 @@ fn fetch(client: &Client, url: &str) -> Result<Vec<u8>, Failure> {
             let reason = inner.map(registry::describe).unwrap_or_else(|| e.to_string());
             format!("the download broke off: {reason}")
         };
-        Failure { message, transient: true }
+        Failure { message, transient: true, retry_after: None }
     })?;
     Ok(bytes)
 }

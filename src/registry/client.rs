@@ -1518,7 +1518,7 @@ fn location_of(resp: &Response, base: &Url, ep: &Endpoint) -> Result<Url> {
 }
 
 /// `Retry-After`: seconds, or an HTTP date.
-fn retry_after(h: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(h: &HeaderMap) -> Option<Duration> {
     let v = header_str(h, "retry-after")?;
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));

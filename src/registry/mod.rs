@@ -20,7 +20,7 @@ use crate::reference::Repository;
 use crate::store::StoreError;
 
 pub use auth::{parse_challenges, pull_scope, push_scope, Challenge};
-pub(crate) use client::describe;
+pub(crate) use client::{describe, retry_after};
 pub use client::{RegistryClient, UploadPolicy, MAX_REQUESTS_IN_FLIGHT};
 pub use config::{
     RegistryConfig, RegistryHostConfig, RetryPolicy, DEFAULT_TIMEOUT, MIN_UPLOAD_RATE,
