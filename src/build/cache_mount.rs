@@ -209,15 +209,21 @@ impl CacheMount {
     }
 }
 
-/// The lock file of a cache directory, `<dir>.lock`, open for writing.
-pub fn lock_file(dir: &Path) -> Result<File, String> {
+/// Where a cache directory's lock is: `<dir>.lock`. Its mtime is the cache's last use.
+pub fn lock_path(dir: &Path) -> PathBuf {
     let mut path = dir.as_os_str().to_owned();
     path.push(".lock");
+    PathBuf::from(path)
+}
+
+/// The lock file of a cache directory, open for writing.
+pub fn lock_file(dir: &Path) -> Result<File, String> {
+    let path = lock_path(dir);
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
         .open(&path)
-        .map_err(|e| format!("cannot open the lock {}: {e}", Path::new(&path).display()))
+        .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))
 }

@@ -265,8 +265,7 @@ fn prune_run_caches(
     let mut done = RunCachesPruned { removed: Vec::new(), bytes: 0, failed: Vec::new() };
     for dir in run_caches(store)? {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut lock_path = dir.clone().into_os_string();
-        lock_path.push(".lock");
+        let lock_path = super::cache_mount::lock_path(&dir);
         let last_used =
             fs::metadata(&lock_path).or_else(|_| fs::metadata(&dir)).and_then(|m| m.modified());
         // A last use in this clock's future is a use now.
@@ -298,7 +297,8 @@ fn prune_run_caches(
             }
         };
         if !dry_run {
-            if let Err(e) = remove_tree(&dir) {
+            // Through directories their owner made read-only, too (Go's module cache).
+            if let Err(e) = crate::store::remove_tree(&dir) {
                 done.failed.push(format!("{name}: {e}"));
                 continue;
             }
@@ -313,26 +313,11 @@ fn prune_run_caches(
         let mounts = store.root().join("mounts");
         for entry in fs::read_dir(&mounts).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with(".new-") {
-                let _ = remove_tree(&entry.path());
+                let _ = crate::store::remove_tree(&entry.path());
             }
         }
     }
     Ok(done)
-}
-
-/// `rm -rf`, also through directories their owner made read-only (Go's module cache).
-fn remove_tree(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for entry in walkdir::WalkDir::new(dir).follow_links(false).into_iter().flatten() {
-        if entry.file_type().is_dir() {
-            let meta = entry.metadata()?;
-            let mode = meta.permissions().mode();
-            if mode & 0o700 != 0o700 {
-                fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode | 0o700))?;
-            }
-        }
-    }
-    fs::remove_dir_all(dir)
 }
 
 /// `ferry cache prune`: remove the entries `policy` selects, then the layer blobs and

@@ -47,6 +47,7 @@ pub use blob::BlobWriter;
 pub use gc::{PruneMode, PruneReport, RemoveReport};
 pub use image::{choose_platform, display_name, Image, ImageSummary, Resolved};
 pub use lock::LockGuard;
+pub use tmp::remove_tree;
 pub use verify::{CorruptBlob, MissingBlob, VerifyReport};
 
 /// Everything that can go wrong in the store, worded for the user.

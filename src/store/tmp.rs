@@ -87,7 +87,7 @@ pub(super) fn sweep(tmp_root: &Path, legacy_file_prefix: &str) {
 
 /// `remove_dir_all` that also gets through directories without write or search permission
 /// (an overlay work dir is left mode 000; a RUN step may `chmod 555` what it made).
-pub(super) fn remove_tree(dir: &Path) -> io::Result<()> {
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             open_up(dir);
