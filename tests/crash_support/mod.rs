@@ -485,6 +485,7 @@ fn http() -> reqwest::blocking::Client {
 /// manifest it names; panics when a tagged manifest (or a child of a tagged index) lacks a
 /// blob or a blob has another size than its descriptor says.
 pub fn registry_tags(host: &str, prefix: &str, why: &str) -> BTreeMap<String, String> {
+    wait_until_registry_idle(host, why);
     let c = http();
     let resp = c.get(format!("http://{host}/v2/_catalog?n=1000")).send().unwrap();
     assert!(resp.status().is_success(), "{why}: catalog: {}", resp.status());
@@ -506,6 +507,50 @@ pub fn registry_tags(host: &str, prefix: &str, why: &str) -> BTreeMap<String, St
     out
 }
 
+/// Waits until the registry at `host` has finished every request a killed client sent.
+///
+/// The registry goes on serving a request after its client dies: a tag PUT may be between
+/// the tag's index link (which `tags/list` already shows) and its current link, each written
+/// with an fsync that can take seconds on a busy disk. Go's server closes a connection only
+/// when its handler has returned and the next read finds the client gone, so once no
+/// connection to the registry's port is open (ESTABLISHED or CLOSE_WAIT on its side), what
+/// the registry holds is final: a tag that then names no manifest is a real fault.
+fn wait_until_registry_idle(host: &str, why: &str) {
+    let port: u16 = host.rsplit(':').next().and_then(|p| p.parse().ok()).expect("host:port");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let busy = open_server_connections(port);
+        if busy == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{why}: the registry still serves {busy} connection(s) after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Connections whose local end is `port` and that the server has not closed yet.
+fn open_server_connections(port: u16) -> usize {
+    const ESTABLISHED: &str = "01";
+    const SYN_RECV: &str = "03";
+    const CLOSE_WAIT: &str = "08";
+    let mut open = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else { continue };
+            let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && [ESTABLISHED, SYN_RECV, CLOSE_WAIT].contains(state) {
+                open += 1;
+            }
+        }
+    }
+    open
+}
+
 fn check_remote_manifest(
     c: &reqwest::blocking::Client,
     host: &str,
@@ -513,23 +558,11 @@ fn check_remote_manifest(
     reference: &str,
     why: &str,
 ) -> String {
-    let get = || {
-        c.get(format!("http://{host}/v2/{repo}/manifests/{reference}"))
-            .header("Accept", ACCEPT)
-            .send()
-            .unwrap()
-    };
-    // The registry may still be serving a tag PUT the killed client sent: distribution makes
-    // the tag's directory (which the listing shows) before it writes the tag's link. Such a
-    // tag settles within moments; one that names a missing manifest never does.
-    let mut resp = get();
-    for _ in 0..30 {
-        if resp.status() != reqwest::StatusCode::NOT_FOUND {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        resp = get();
-    }
+    let resp = c
+        .get(format!("http://{host}/v2/{repo}/manifests/{reference}"))
+        .header("Accept", ACCEPT)
+        .send()
+        .unwrap();
     assert!(resp.status().is_success(), "{why}: {repo}:{reference} names no manifest");
     let bytes = resp.bytes().unwrap();
     let digest = sha256(&bytes);
