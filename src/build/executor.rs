@@ -17,6 +17,7 @@ use super::merged::{MergedView, PathKind};
 use super::rootfs;
 use super::scheduler::{self, Job, Outcome};
 use super::scratch::{self, BindFrom, FromSource};
+use super::shared_cache::SharedCache;
 use super::BuildOptions;
 use crate::context::{map_to_destination_with, CopyItem, CopyKind, SourceTree, StatCache};
 use crate::digest::Digest;
@@ -131,6 +132,9 @@ struct StageState {
 pub struct Executor<'a> {
     pub store: &'a Store,
     pub cache: &'a CacheIndex,
+    /// The registry-shared index (`--cache-from`/`--cache-to`): asked when the local cache
+    /// misses, and told every entry the build uses or makes.
+    pub shared: Option<&'a SharedCache<'a>>,
     pub sandbox: &'a dyn Sandbox,
     pub stat_cache: &'a StatCache,
     pub options: &'a BuildOptions,
@@ -482,28 +486,65 @@ impl Executor<'_> {
         Ok(())
     }
 
-    /// Record a layer step: reuse the cached layer for `key`, or make it with `make`.
+    /// Record a layer step of `image`: reuse the cached layer for `key`, or make it with
+    /// `make`.
     fn layer_step(
         &self,
+        image: &str,
         state: &mut StageState,
         key: CacheKey,
         created_by: String,
         make: impl FnOnce() -> Result<CachedLayer, BuildError>,
     ) -> Result<(StepStatus, CachedLayer), BuildError> {
-        let cached = if self.options.no_cache { None } else { self.cache.get(self.store, &key) };
-        let (layer, status) = match cached {
+        let (layer, status) = match self.cached(&key) {
             Some(l) => (l, StepStatus::Cached),
             None => {
                 let l = make()?;
-                // A cache write failure costs only a future rebuild.
-                if let Err(e) = self.cache.put(&key, &l) {
-                    tracing::warn!("cannot record cache entry: {e}");
-                }
+                self.remember(&key, &l);
                 (l, StepStatus::Built)
             }
         };
+        if let Some(shared) = self.shared {
+            shared.record(&key, &layer, image);
+        }
         push_layer(state, &layer, key, created_by, self.created());
         Ok((status, layer))
+    }
+
+    /// The layer the local cache, else a shared index, has for `key` (a shared hit is
+    /// recorded locally, so the next build finds it in the store).
+    fn cached(&self, key: &CacheKey) -> Option<CachedLayer> {
+        if self.options.no_cache {
+            return None;
+        }
+        if let Some(l) = self.cache.get(self.store, key) {
+            return Some(l);
+        }
+        let l = self.shared?.lookup(self.store, key)?;
+        self.remember(key, &l);
+        Some(l)
+    }
+
+    /// The layer an alias key stands for, with the content key the stage continues from:
+    /// from the local cache, else a shared index.
+    fn cached_alias(&self, alias: &CacheKey) -> Option<(CachedLayer, CacheKey)> {
+        if self.options.no_cache {
+            return None;
+        }
+        if let Some(hit) = self.cache.get_alias(self.store, alias) {
+            return Some(hit);
+        }
+        let l = self.shared?.lookup(self.store, alias)?;
+        let key = CacheKey(l.resolves_to.clone()?);
+        self.remember(alias, &l);
+        Some((l, key))
+    }
+
+    fn remember(&self, key: &CacheKey, layer: &CachedLayer) {
+        // A cache write failure costs only a future rebuild.
+        if let Err(e) = self.cache.put(key, layer) {
+            tracing::warn!("cannot record cache entry: {e}");
+        }
     }
 
     /// Pack entries into a stored layer blob.
@@ -701,8 +742,11 @@ impl Executor<'_> {
                 .field("chmod", &chmod_key)
                 .finish()
         });
-        if let (Some(alias), false) = (&alias, self.options.no_cache) {
-            if let Some((layer, key)) = self.cache.get_alias(self.store, alias) {
+        if let Some(alias) = &alias {
+            if let Some((layer, key)) = self.cached_alias(alias) {
+                if let Some(shared) = self.shared {
+                    shared.record(alias, &layer, &ctx.image.name);
+                }
                 push_layer(state, &layer, key, created_by, self.created());
                 return Ok(StepStatus::Cached);
             }
@@ -772,84 +816,97 @@ impl Executor<'_> {
         let keep_owner = from.is_some();
         let lower_layers = state.layers.clone();
         let lower_diff_ids = state.diff_ids.clone();
-        let (status, layer) = self.layer_step(state, key.clone(), created_by.clone(), || {
-            // What the stage already has where this copy writes (its directories are kept,
-            // its symlinks followed). `--link` must not depend on it, by definition.
-            let image = if link {
-                MergedView::default()
-            } else {
-                MergedView::open(self.store, &lower_layers, &lower_diff_ids)
-                    .map_err(|e| err(format!("reading the stage's filesystem: {e}")))?
-            };
-            let abs = config::clean_path(&if dest.starts_with('/') {
-                dest.clone()
-            } else {
-                format!("{}/{dest}", workdir.trim_end_matches('/'))
-            });
-            let resolved = image.resolve(&abs).map_err(&err)?;
-            let into_dir = dir_syntax(&dest) || image.is_dir(&resolved);
-            let mut layer = CopyLayer { image: &image, owner, chmod, entries: BTreeMap::new() };
-            // ADD staging directories: their files are read when the layer is packed.
-            let mut staging = Vec::new();
-            if let Some(sel) = &selection {
-                let mapped = if dir_syntax(&dest) && resolved != "/" {
-                    format!("{resolved}/")
+        let image_name = &ctx.image.name;
+        let (status, layer) =
+            self.layer_step(image_name, state, key.clone(), created_by.clone(), || {
+                // What the stage already has where this copy writes (its directories are kept,
+                // its symlinks followed). `--link` must not depend on it, by definition.
+                let image = if link {
+                    MergedView::default()
                 } else {
-                    resolved.clone()
+                    MergedView::open(self.store, &lower_layers, &lower_diff_ids)
+                        .map_err(|e| err(format!("reading the stage's filesystem: {e}")))?
                 };
-                let items = map_to_destination_with(sel, &mapped, "/", &|p| image.is_dir(p))
-                    .map_err(|e| err(e.to_string()))?;
-                for item in items {
-                    if let (true, CopyKind::File, Some(source)) =
-                        (is_add, item.kind, item.source.as_deref())
-                    {
-                        if let Some(archive) =
-                            self.add_archive(source, &resolved, owner).map_err(&err)?
+                let abs = config::clean_path(&if dest.starts_with('/') {
+                    dest.clone()
+                } else {
+                    format!("{}/{dest}", workdir.trim_end_matches('/'))
+                });
+                let resolved = image.resolve(&abs).map_err(&err)?;
+                let into_dir = dir_syntax(&dest) || image.is_dir(&resolved);
+                let mut layer = CopyLayer { image: &image, owner, chmod, entries: BTreeMap::new() };
+                // ADD staging directories: their files are read when the layer is packed.
+                let mut staging = Vec::new();
+                if let Some(sel) = &selection {
+                    let mapped = if dir_syntax(&dest) && resolved != "/" {
+                        format!("{resolved}/")
+                    } else {
+                        resolved.clone()
+                    };
+                    let items = map_to_destination_with(sel, &mapped, "/", &|p| image.is_dir(p))
+                        .map_err(|e| err(e.to_string()))?;
+                    for item in items {
+                        if let (true, CopyKind::File, Some(source)) =
+                            (is_add, item.kind, item.source.as_deref())
                         {
-                            layer.created_dir(&resolved).map_err(&err)?;
-                            for e in archive.entries {
-                                // A directory the archive only implies is created like a
-                                // parent: an existing one is left alone, as by docker's
-                                // untar; one the archive lists takes its metadata.
-                                let path = e.path.to_string_lossy().to_string();
-                                if archive.implied_dirs.contains(&path) {
-                                    layer.created_dir(&path).map_err(&err)?;
-                                } else {
-                                    layer.put(e).map_err(&err)?;
+                            if let Some(archive) =
+                                self.add_archive(source, &resolved, owner).map_err(&err)?
+                            {
+                                layer.created_dir(&resolved).map_err(&err)?;
+                                for e in archive.entries {
+                                    // A directory the archive only implies is created like a
+                                    // parent: an existing one is left alone, as by docker's
+                                    // untar; one the archive lists takes its metadata.
+                                    let path = e.path.to_string_lossy().to_string();
+                                    if archive.implied_dirs.contains(&path) {
+                                        layer.created_dir(&path).map_err(&err)?;
+                                    } else {
+                                        layer.put(e).map_err(&err)?;
+                                    }
                                 }
+                                staging.push(archive.staging);
+                                continue;
                             }
-                            staging.push(archive.staging);
-                            continue;
                         }
+                        layer.item(&item, keep_owner).map_err(&err)?;
                     }
-                    layer.item(&item, keep_owner).map_err(&err)?;
                 }
-            }
-            let target_of =
-                |name: &str| if into_dir { join_abs(&resolved, name) } else { resolved.clone() };
-            for (name, body) in &heredocs {
-                let entry = LayerEntry::bytes(strip_root(&target_of(name)), body.clone())
-                    .with_mode(chmod.unwrap_or(0o644));
-                layer.file(entry).map_err(&err)?;
-            }
-            for (url, fetched) in urls.iter().zip(downloads.iter()) {
-                let bytes = match fetched {
-                    Some(b) => b.clone(),
-                    None => download(url, checksum.as_deref()).map_err(&err)?,
+                let target_of = |name: &str| {
+                    if into_dir {
+                        join_abs(&resolved, name)
+                    } else {
+                        resolved.clone()
+                    }
                 };
-                // Docker gives downloads mode 0600.
-                let entry = LayerEntry::bytes(strip_root(&target_of(&url_file_name(url))), bytes)
-                    .with_mode(chmod.unwrap_or(0o600));
-                layer.file(entry).map_err(&err)?;
-            }
-            let packed = self.pack(layer.entries.into_values().collect(), &created_by).map_err(err);
-            drop(staging);
-            packed
-        })?;
+                for (name, body) in &heredocs {
+                    let entry = LayerEntry::bytes(strip_root(&target_of(name)), body.clone())
+                        .with_mode(chmod.unwrap_or(0o644));
+                    layer.file(entry).map_err(&err)?;
+                }
+                for (url, fetched) in urls.iter().zip(downloads.iter()) {
+                    let bytes = match fetched {
+                        Some(b) => b.clone(),
+                        None => download(url, checksum.as_deref()).map_err(&err)?,
+                    };
+                    // Docker gives downloads mode 0600.
+                    let entry =
+                        LayerEntry::bytes(strip_root(&target_of(&url_file_name(url))), bytes)
+                            .with_mode(chmod.unwrap_or(0o600));
+                    layer.file(entry).map_err(&err)?;
+                }
+                let packed =
+                    self.pack(layer.entries.into_values().collect(), &created_by).map_err(err);
+                drop(staging);
+                packed
+            })?;
         if let Some(alias) = alias {
             // A cache write failure costs only a future source read.
             if let Err(e) = self.cache.put_alias(&alias, &layer, &key) {
                 tracing::warn!("cannot record cache entry: {e}");
+            }
+            if let Some(shared) = self.shared {
+                let entry = CachedLayer { resolves_to: Some(key.0.clone()), ..layer.clone() };
+                shared.record(&alias, &entry, &ctx.image.name);
             }
         }
         Ok(status)
@@ -1031,7 +1088,7 @@ impl Executor<'_> {
         let stage_name =
             df.stages[ctx.index].name.clone().unwrap_or_else(|| format!("#{}", ctx.index));
         let line = ins.line;
-        self.layer_step(state, key, created_by.clone(), || {
+        self.layer_step(&ctx.image.name, state, key, created_by.clone(), || {
             let io = |what: &str, e: &dyn std::fmt::Display| err(format!("{what}: {e}"));
             let lower_dirs = MergedView::open(self.store, &lower_layers, &lower_diff_ids)
                 .map_err(|e| io("the layers RUN starts from", &e))?

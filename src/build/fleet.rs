@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::cache::{CacheError, CacheIndex};
 use super::executor::{BuiltImage, Executor, ProgressEvent, StepReport, StepStatus};
 use super::scheduler::{self, Job, Outcome};
+use super::shared_cache::{ExportReport, ImportReport, SharedCache};
 use super::BuildOptions;
 use crate::context::StatCache;
 use crate::graph::Graph;
@@ -25,6 +26,15 @@ pub struct BuildReport {
     pub steps_built: usize,
     pub steps_cached: usize,
     pub seconds: f64,
+    /// What `--cache-from` gave the build, when it was asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_from: Option<ImportReport>,
+    /// What `--cache-to` wrote, when it was asked and succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_to: Option<ExportReport>,
+    /// Why `--cache-to` wrote nothing (a warning: the images are built).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_to_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +81,7 @@ pub fn build_fleet(
     store: &Store,
     sandbox: &dyn Sandbox,
     options: &BuildOptions,
+    shared: Option<&SharedCache<'_>>,
     on_event: &(dyn Fn(FleetEvent<'_>) + Sync),
 ) -> Result<BuildReport, CacheError> {
     let started = Instant::now();
@@ -89,6 +100,7 @@ pub fn build_fleet(
     let executor = Executor {
         store,
         cache: &cache,
+        shared,
         sandbox,
         stat_cache: &stat_cache,
         options,
@@ -179,6 +191,9 @@ pub fn build_fleet(
         steps_cached: count(StepStatus::Cached),
         seconds: started.elapsed().as_secs_f64(),
         images,
+        cache_from: shared.map(SharedCache::import_report),
+        cache_to: None,
+        cache_to_error: None,
     })
 }
 

@@ -16,6 +16,7 @@ pub mod output;
 pub mod rootfs;
 pub mod scheduler;
 pub mod scratch;
+pub mod shared_cache;
 
 use std::collections::BTreeMap;
 

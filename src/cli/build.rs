@@ -1,14 +1,17 @@
 //! `ferry build`: build the selected images of the fleet over the shared store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use clap::Args;
 use ferry::build::bases::PinnedBase;
+use ferry::build::shared_cache::SharedCache;
 use ferry::build::{build_fleet, BuildOptions, BuildReport, FleetEvent, ImageStatus};
 use ferry::manifest::{EpochSetting, Manifest};
+use ferry::reference::Reference;
+use ferry::registry::{RegistryClient, RegistryConfig};
 use ferry::release::layer_compression;
 use ferry::store::Store;
 
@@ -55,6 +58,25 @@ pub struct BuildInputs {
     /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or `id=ID,env=VAR`.
     #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
     pub secrets: Vec<String>,
+    /// Reuse the layers of a cache a build elsewhere exported to this registry reference
+    /// with `--cache-to` (repeatable; the first that has a step wins). A cache that is
+    /// missing or unreadable is a warning.
+    #[arg(long = "cache-from", value_name = "REF", value_parser = parse_cache_ref)]
+    pub cache_from: Vec<Reference>,
+    /// After the build, export the cache entries it used or made to this registry
+    /// reference, merged with the entries there of images it did not build.
+    #[arg(long = "cache-to", value_name = "REF", value_parser = parse_cache_ref)]
+    pub cache_to: Option<Reference>,
+}
+
+/// A `--cache-from`/`--cache-to` reference: a repository and a tag, never a digest (a
+/// cache is rewritten in place).
+fn parse_cache_ref(s: &str) -> Result<Reference, String> {
+    let r = Reference::parse(s).map_err(|e| e.to_string())?;
+    if r.digest.is_some() {
+        return Err(format!("`{s}` names a digest; a cache lives at a tag"));
+    }
+    Ok(r)
 }
 
 impl BuildInputs {
@@ -107,11 +129,65 @@ pub(super) fn build_selected(
         std::env::current_exe()
             .map_err(|e| invalid(format!("cannot find the ferry binary: {e}")))?,
     );
+    let sharing = !inputs.cache_from.is_empty() || inputs.cache_to.is_some();
+    let registry = RegistryClient::new(RegistryConfig::for_manifest(manifest));
+    let mut shared = SharedCache::new(&registry);
+    for warning in shared.import(&inputs.cache_from) {
+        printer.warn(&warning);
+    }
     let progress = Progress::new(printer, global);
-    let report =
-        build_fleet(manifest, graph, selected, store, &sandbox, &options, &|e| progress.event(e))
-            .map_err(|e| invalid(e.to_string()))?;
+    let mut report = build_fleet(
+        manifest,
+        graph,
+        selected,
+        store,
+        &sandbox,
+        &options,
+        sharing.then_some(&shared),
+        &|e| progress.event(e),
+    )
+    .map_err(|e| invalid(e.to_string()))?;
     progress.finish();
+    if let Some(imported) = &report.cache_from {
+        if !imported.sources.is_empty() {
+            printer.status(&format!(
+                "shared cache: {} step{} from {}, {} blob{} fetched ({})",
+                imported.hits,
+                if imported.hits == 1 { "" } else { "s" },
+                inputs.cache_from.iter().map(|r| r.familiar()).collect::<Vec<_>>().join(", "),
+                imported.blobs_fetched,
+                if imported.blobs_fetched == 1 { "" } else { "s" },
+                human_size(imported.bytes_fetched)
+            ));
+        }
+    }
+    if let Some(to) = &inputs.cache_to {
+        let built: BTreeSet<String> = report
+            .images
+            .iter()
+            .filter(|i| i.status == ImageStatus::Built)
+            .map(|i| i.name.clone())
+            .collect();
+        match shared.export(store, to, &built) {
+            Ok(exported) => {
+                printer.status(&format!(
+                    "exported the cache to {} ({} entries, {} blob{} uploaded, {})",
+                    exported.reference,
+                    exported.entries,
+                    exported.blobs_uploaded,
+                    if exported.blobs_uploaded == 1 { "" } else { "s" },
+                    human_size(exported.bytes_uploaded)
+                ));
+                report.cache_to = Some(exported);
+            }
+            Err(e) => {
+                let message =
+                    format!("--cache-to {}: {e}; the cache was not exported", to.familiar());
+                printer.warn(&message);
+                report.cache_to_error = Some(message);
+            }
+        }
+    }
     Ok((report, bases))
 }
 

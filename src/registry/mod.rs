@@ -8,7 +8,7 @@ mod client;
 mod config;
 mod credentials;
 mod from_manifest;
-mod pull;
+pub(crate) mod pull;
 
 use std::io::Read;
 use std::path::Path;
