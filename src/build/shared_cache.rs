@@ -83,6 +83,8 @@ pub struct SharedCache<'r> {
     registry: &'r dyn Registry,
     /// First match wins, in the order given.
     sources: Vec<(Repository, BTreeMap<CacheKey, SharedEntry>)>,
+    /// Sources that failed (after retries) during this build, by position in `sources`.
+    given_up: Mutex<BTreeSet<usize>>,
     used: Mutex<BTreeMap<CacheKey, SharedEntry>>,
     report: Mutex<ImportReport>,
 }
@@ -92,6 +94,7 @@ impl<'r> SharedCache<'r> {
         SharedCache {
             registry,
             sources: Vec::new(),
+            given_up: Mutex::new(BTreeSet::new()),
             used: Mutex::new(BTreeMap::new()),
             report: Mutex::new(ImportReport::default()),
         }
@@ -121,27 +124,44 @@ impl<'r> SharedCache<'r> {
     }
 
     /// The layer a shared index gives `key`, its blob fetched into `store` and checked
-    /// against the entry. None when no index has it or it cannot be used (logged).
+    /// against the entry. None when no index has it or it cannot be used (logged). A
+    /// registry that fails after its retries is not asked again during this build: every
+    /// later step would wait out the same retries.
     pub fn lookup(&self, store: &Store, key: &CacheKey) -> Option<CachedLayer> {
-        for (repo, entries) in &self.sources {
+        for (source, (repo, entries)) in self.sources.iter().enumerate() {
             let Some(entry) = entries.get(key) else { continue };
+            if lock(&self.given_up).contains(&source) {
+                continue;
+            }
             let mut stats = Stats::default();
-            let fetched = fetch_blob(store, self.registry, repo, &entry.layer.blob, &mut stats)
-                .map_err(|e| e.to_string())
-                .and_then(|()| check_diff_id(store, &entry.layer));
-            match fetched {
-                Ok(()) => {
-                    let mut report = lock(&self.report);
-                    report.hits += 1;
-                    report.blobs_fetched += stats.fetched;
-                    report.bytes_fetched += stats.bytes;
-                    return Some(entry.layer.clone());
+            if let Err(e) = fetch_blob(store, self.registry, repo, &entry.layer.blob, &mut stats) {
+                if e.is_transient() {
+                    if lock(&self.given_up).insert(source) {
+                        tracing::warn!(
+                            "shared cache {}: {e}; not using it for the rest of this build",
+                            repo.familiar()
+                        );
+                    }
+                } else {
+                    tracing::warn!(
+                        "shared cache {}: entry {key} cannot be used: {e}; building the step",
+                        repo.familiar()
+                    );
                 }
-                Err(e) => tracing::warn!(
+                continue;
+            }
+            if let Err(e) = check_diff_id(store, &entry.layer) {
+                tracing::warn!(
                     "shared cache {}: entry {key} cannot be used: {e}; building the step",
                     repo.familiar()
-                ),
+                );
+                continue;
             }
+            let mut report = lock(&self.report);
+            report.hits += 1;
+            report.blobs_fetched += stats.fetched;
+            report.bytes_fetched += stats.bytes;
+            return Some(entry.layer.clone());
         }
         None
     }
