@@ -278,3 +278,38 @@ fn a_registry_that_fails_costs_only_the_cache() {
     assert!(report["cache_to_error"].is_string(), "{report}");
     assert_eq!(skopeo_digest(&direct).unwrap(), exported);
 }
+
+#[test]
+fn push_takes_the_cache_flags_too() {
+    let reg = TestRegistry::start(RegistryOptions::default());
+    let cache = format!("{}/ci/cache:main", reg.host);
+    let dir = fleet();
+    let toml = dir.path().join("images.toml");
+    let env = format!("\n[environments.dev]\nregistry = \"{}/dev\"\ntags = [\"dev\"]\n", reg.host);
+    std::fs::write(&toml, format!("{MANIFEST}{env}")).unwrap();
+    let push = |store: &Path, flag: &str| {
+        let out = fixture::ferry(dir.path())
+            .arg("--store")
+            .arg(store)
+            .args(["push", "--env", "dev", flag, &cache])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "push {flag}: {}", stderr(&out));
+        stderr(&out)
+    };
+    let first = tempfile::tempdir().unwrap();
+    let log = push(first.path(), "--cache-to");
+    assert!(log.contains("exported the cache to"), "{log}");
+    let pushed: Vec<String> = ["bb", "app", "web"]
+        .iter()
+        .map(|i| skopeo_digest(&format!("{}/dev/t/{i}:dev", reg.host)).unwrap())
+        .collect();
+
+    // Another machine pushes the same images: its steps came from the cache, so no tag moved.
+    let fresh = tempfile::tempdir().unwrap();
+    let log = push(fresh.path(), "--cache-from");
+    assert!(log.contains("shared cache:"), "{log}");
+    for (i, digest) in ["bb", "app", "web"].iter().zip(&pushed) {
+        assert_eq!(&skopeo_digest(&format!("{}/dev/t/{i}:dev", reg.host)).unwrap(), digest, "{i}");
+    }
+}
