@@ -76,8 +76,19 @@ fn a_fresh_store_builds_the_same_images_from_a_shared_cache_without_running_a_st
     }
 
     let fresh = tempfile::tempdir().unwrap();
-    let (again, log) = build(dir.path(), fresh.path(), &["--cache-from", &cache]);
+    let (again, log) =
+        build(dir.path(), fresh.path(), &["--cache-from", &cache, "--cache-to", &cache]);
     assert_eq!(digests(&again), want, "{log}");
+    // web's `COPY --from` hit its alias entry in this store: its export kept the
+    // content key that alias stands for too, for a build whose stage changes but whose copied
+    // file does not.
+    let index = cache_index(&reg.host, &cache);
+    let entries = index["entries"].as_object().unwrap();
+    let aliases: Vec<&str> = entries.values().filter_map(|e| e["resolves_to"].as_str()).collect();
+    assert!(!aliases.is_empty(), "{index}");
+    for target in aliases {
+        assert!(entries.contains_key(target), "alias target {target} dropped: {index}");
+    }
     assert_eq!(steps(&again, "built"), 0, "every layer step came from the shared cache: {again}");
     assert!(again["cache_from"]["hits"].as_u64().unwrap() >= 5, "{again}");
     assert!(log.contains("shared cache:"), "{log}");
@@ -199,6 +210,15 @@ fn an_entry_whose_layer_is_not_what_it_says_is_built_locally() {
     assert!(rootfs.join("app-rand").is_file());
 }
 
+/// The index a cache reference holds, read over the distribution API.
+fn cache_index(host: &str, reference: &str) -> serde_json::Value {
+    let manifest = skopeo_inspect(reference).unwrap();
+    let config = manifest["config"]["digest"].as_str().unwrap();
+    let path = reference.trim_start_matches(&format!("{host}/"));
+    let repo = path.split(':').next().unwrap();
+    serde_json::from_slice(&get(host, &format!("/v2/{repo}/blobs/{config}"))).unwrap()
+}
+
 fn http() -> reqwest::blocking::Client {
     ferry::registry::http_client_builder().build().unwrap()
 }
@@ -271,12 +291,21 @@ fn a_registry_that_fails_costs_only_the_cache() {
     assert_eq!(again["cache_from"]["hits"], 0, "{again}");
     assert_ne!(digests(&again)["bb"], digests(&built)["bb"], "the steps ran");
 
-    // An export whose uploads fail leaves the tag on the index it had.
+    // An export whose uploads fail leaves the tag on the index it had, and never sends the
+    // manifest.
     std::fs::write(dir.path().join("app/app.txt"), "two\n").unwrap();
+    proxy.take();
     let (report, log) = build(dir.path(), fresh.path(), &["--cache-to", &through]);
     assert!(log.contains("the cache was not exported"), "{log}");
     assert!(report["cache_to_error"].is_string(), "{report}");
     assert_eq!(skopeo_digest(&direct).unwrap(), exported);
+    let manifest_puts: Vec<String> = proxy
+        .take()
+        .into_iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("/manifests/"))
+        .map(|r| r.path)
+        .collect();
+    assert!(manifest_puts.is_empty(), "{manifest_puts:?}");
 }
 
 #[test]

@@ -496,7 +496,7 @@ impl Executor<'_> {
         created_by: String,
         make: impl FnOnce() -> Result<CachedLayer, BuildError>,
     ) -> Result<(StepStatus, CachedLayer), BuildError> {
-        let (layer, status) = match self.cached(&key) {
+        let (layer, status) = match self.cached(&key, &created_by) {
             Some(l) => (l, StepStatus::Cached),
             None => {
                 let l = make()?;
@@ -511,30 +511,30 @@ impl Executor<'_> {
         Ok((status, layer))
     }
 
-    /// The layer the local cache, else a shared index, has for `key` (a shared hit is
-    /// recorded locally, so the next build finds it in the store).
-    fn cached(&self, key: &CacheKey) -> Option<CachedLayer> {
+    /// The layer the local cache, else a shared index, has for `key`, the step `step` (a
+    /// shared hit is recorded locally, so the next build finds it in the store).
+    fn cached(&self, key: &CacheKey, step: &str) -> Option<CachedLayer> {
         if self.options.no_cache {
             return None;
         }
         if let Some(l) = self.cache.get(self.store, key) {
             return Some(l);
         }
-        let l = self.shared?.lookup(self.store, key)?;
+        let l = self.shared?.lookup(self.store, key, false, step)?;
         self.remember(key, &l);
         Some(l)
     }
 
     /// The layer an alias key stands for, with the content key the stage continues from:
     /// from the local cache, else a shared index.
-    fn cached_alias(&self, alias: &CacheKey) -> Option<(CachedLayer, CacheKey)> {
+    fn cached_alias(&self, alias: &CacheKey, step: &str) -> Option<(CachedLayer, CacheKey)> {
         if self.options.no_cache {
             return None;
         }
         if let Some(hit) = self.cache.get_alias(self.store, alias) {
             return Some(hit);
         }
-        let l = self.shared?.lookup(self.store, alias)?;
+        let l = self.shared?.lookup(self.store, alias, true, step)?;
         let key = CacheKey(l.resolves_to.clone()?);
         self.remember(alias, &l);
         Some((l, key))
@@ -743,9 +743,13 @@ impl Executor<'_> {
                 .finish()
         });
         if let Some(alias) = &alias {
-            if let Some((layer, key)) = self.cached_alias(alias) {
+            if let Some((layer, key)) = self.cached_alias(alias, &created_by) {
                 if let Some(shared) = self.shared {
+                    // The content key too: a build whose source changed but whose copied
+                    // files did not misses the alias and hits it.
                     shared.record(alias, &layer, &ctx.image.name);
+                    let content = CachedLayer { resolves_to: None, ..layer.clone() };
+                    shared.record(&key, &content, &ctx.image.name);
                 }
                 push_layer(state, &layer, key, created_by, self.created());
                 return Ok(StepStatus::Cached);

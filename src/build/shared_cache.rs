@@ -77,12 +77,20 @@ pub struct ExportReport {
     pub bytes_uploaded: u64,
 }
 
+/// An index read from a `--cache-from` reference.
+struct Source {
+    /// The reference as the user gave it, for messages.
+    name: String,
+    reference: Reference,
+    entries: BTreeMap<CacheKey, SharedEntry>,
+}
+
 /// The shared cache of one build: the indexes read from `--cache-from`, and the entries
 /// the build used or made, for `--cache-to`.
 pub struct SharedCache<'r> {
     registry: &'r dyn Registry,
     /// First match wins, in the order given.
-    sources: Vec<(Repository, BTreeMap<CacheKey, SharedEntry>)>,
+    sources: Vec<Source>,
     /// Sources that failed (after retries) during this build, by position in `sources`.
     given_up: Mutex<BTreeSet<usize>>,
     used: Mutex<BTreeMap<CacheKey, SharedEntry>>,
@@ -108,7 +116,11 @@ impl<'r> SharedCache<'r> {
             match read_index(self.registry, reference) {
                 Ok(Some(index)) => {
                     lock(&self.report).sources.push((reference.familiar(), index.entries.len()));
-                    self.sources.push((reference.repository.clone(), index.entries));
+                    self.sources.push(Source {
+                        name: reference.familiar(),
+                        reference: reference.clone(),
+                        entries: index.entries,
+                    });
                 }
                 Ok(None) => warnings.push(format!(
                     "--cache-from {}: no cache there yet; building without it",
@@ -123,45 +135,61 @@ impl<'r> SharedCache<'r> {
         warnings
     }
 
-    /// The layer a shared index gives `key`, its blob fetched into `store` and checked
-    /// against the entry. None when no index has it or it cannot be used (logged). A
-    /// registry that fails after its retries is not asked again during this build: every
-    /// later step would wait out the same retries.
-    pub fn lookup(&self, store: &Store, key: &CacheKey) -> Option<CachedLayer> {
-        for (source, (repo, entries)) in self.sources.iter().enumerate() {
-            let Some(entry) = entries.get(key) else { continue };
-            if lock(&self.given_up).contains(&source) {
+    /// The layer a shared index gives `key` (an alias key of a `COPY --from` when `alias`,
+    /// whose entry then names the content key it stands for), its blob fetched into `store`
+    /// and checked against the entry. None when no index has it or it cannot be used
+    /// (logged with `step`). A registry that fails after its retries, or refuses access, is
+    /// not asked again during this build: every later step would fail the same way.
+    pub fn lookup(
+        &self,
+        store: &Store,
+        key: &CacheKey,
+        alias: bool,
+        step: &str,
+    ) -> Option<CachedLayer> {
+        for (i, source) in self.sources.iter().enumerate() {
+            let Some(entry) = source.entries.get(key) else { continue };
+            if lock(&self.given_up).contains(&i) {
                 continue;
             }
+            let unusable = |why: &dyn std::fmt::Display| {
+                tracing::warn!(
+                    "--cache-from {}: the entry for `{step}` cannot be used: {why}; building the step",
+                    source.name
+                )
+            };
+            let layer = match checked_layer(&entry.layer, alias) {
+                Ok(layer) => layer,
+                Err(why) => {
+                    unusable(&why);
+                    continue;
+                }
+            };
             let mut stats = Stats::default();
-            if let Err(e) = fetch_blob(store, self.registry, repo, &entry.layer.blob, &mut stats) {
-                if e.is_transient() {
-                    if lock(&self.given_up).insert(source) {
+            if let Err(e) =
+                fetch_blob(store, self.registry, &source.reference, &layer.blob, &mut stats)
+            {
+                if gives_up_on_the_registry(&e) {
+                    if lock(&self.given_up).insert(i) {
                         tracing::warn!(
-                            "shared cache {}: {e}; not using it for the rest of this build",
-                            repo.familiar()
+                            "--cache-from {}: {e}; not using it for the rest of this build",
+                            source.name
                         );
                     }
                 } else {
-                    tracing::warn!(
-                        "shared cache {}: entry {key} cannot be used: {e}; building the step",
-                        repo.familiar()
-                    );
+                    unusable(&e);
                 }
                 continue;
             }
-            if let Err(e) = check_diff_id(store, &entry.layer) {
-                tracing::warn!(
-                    "shared cache {}: entry {key} cannot be used: {e}; building the step",
-                    repo.familiar()
-                );
+            if let Err(why) = check_diff_id(store, &layer) {
+                unusable(&why);
                 continue;
             }
             let mut report = lock(&self.report);
             report.hits += 1;
             report.blobs_fetched += stats.fetched;
             report.bytes_fetched += stats.bytes;
-            return Some(entry.layer.clone());
+            return Some(layer);
         }
         None
     }
@@ -190,11 +218,19 @@ impl<'r> SharedCache<'r> {
         built: &BTreeSet<String>,
     ) -> Result<ExportReport, RegistryError> {
         let repo = &to.repository;
-        let existing = read_index(self.registry, to)?.unwrap_or_default();
-        let there: BTreeSet<Digest> =
-            existing.entries.values().map(|e| e.layer.blob.digest.clone()).collect();
+        let (existing, there) = match read_cache(self.registry, to)? {
+            Some((index, manifest)) => {
+                (index, manifest.layers.into_iter().map(|l| l.digest).collect())
+            }
+            None => (SharedIndex::default(), BTreeSet::new()),
+        };
         let ours = lock(&self.used).clone();
-        let entries = merge(existing.entries, ours, built);
+        let mut entries = merge(existing.entries, ours, built);
+        // A kept entry whose blob the old manifest did not hold (a hand-edited index) and
+        // that this store cannot upload would make the registry refuse the manifest.
+        entries.retain(|_, e| {
+            there.contains(&e.layer.blob.digest) || store.has_blob(&e.layer.blob.digest)
+        });
 
         let mut blobs: BTreeMap<Digest, Descriptor> = BTreeMap::new();
         for e in entries.values() {
@@ -288,7 +324,8 @@ impl<'r> SharedCache<'r> {
 }
 
 /// The entries an export writes: what `ours` used or made, and from `theirs` (what the
-/// reference held) the entries of images this build did not make. An entry of a built
+/// reference held) the entries of images this build did not make (a failed or skipped
+/// image is not made: its entries stay). An entry of a built
 /// image that this build no longer reaches is dropped, so the index follows the fleet
 /// instead of growing with every change.
 fn merge(
@@ -303,13 +340,13 @@ fn merge(
             (!entry.images.is_empty()).then_some((key, entry))
         })
         .collect();
-    for (key, entry) in ours {
-        match out.get_mut(&key) {
-            Some(kept) => kept.images.extend(entry.images),
-            None => {
-                out.insert(key, entry);
-            }
+    // This build's layer wins a key both hold: it is the one the build used, its blob is in
+    // this store, and a `--no-cache` build can so replace a bad entry.
+    for (key, mut entry) in ours {
+        if let Some(kept) = out.remove(&key) {
+            entry.images.extend(kept.images);
         }
+        out.insert(key, entry);
     }
     out
 }
@@ -319,6 +356,15 @@ fn read_index(
     registry: &dyn Registry,
     reference: &Reference,
 ) -> Result<Option<SharedIndex>, RegistryError> {
+    Ok(read_cache(registry, reference)?.map(|(index, _)| index))
+}
+
+/// The index at `reference` with the manifest that holds it; None when the reference does
+/// not exist.
+fn read_cache(
+    registry: &dyn Registry,
+    reference: &Reference,
+) -> Result<Option<(SharedIndex, ImageManifest)>, RegistryError> {
     let repo = &reference.repository;
     let invalid = |reason: String| RegistryError::Invalid {
         registry: repo.registry.clone(),
@@ -339,7 +385,10 @@ fn read_index(
         )));
     }
     if manifest.config.size > MAX_INDEX_BYTES {
-        return Err(invalid(format!("its index has {} bytes", manifest.config.size)));
+        return Err(invalid(format!(
+            "its index has {} bytes, more than the {MAX_INDEX_BYTES} ferry reads",
+            manifest.config.size
+        )));
     }
     let stream = registry.get_blob(repo, &manifest.config.digest)?;
     let mut bytes = Vec::new();
@@ -355,7 +404,7 @@ fn read_index(
         return Err(RegistryError::DigestMismatch {
             registry: repo.registry.clone(),
             what: format!("the cache index of {}", reference.familiar()),
-            expected: manifest.config.digest,
+            expected: manifest.config.digest.clone(),
             actual,
         });
     }
@@ -367,14 +416,63 @@ fn read_index(
             index.version
         )));
     }
-    Ok(Some(index))
+    Ok(Some((index, manifest)))
+}
+
+/// Whether a failed download says the registry will fail every other one too: it is down,
+/// failing after retries, or refusing this user.
+fn gives_up_on_the_registry(e: &RegistryError) -> bool {
+    e.is_transient()
+        || matches!(
+            e,
+            RegistryError::AuthRequired { .. }
+                | RegistryError::Unauthorized { .. }
+                | RegistryError::Denied { .. }
+                | RegistryError::Tls { .. }
+        )
+}
+
+/// The layer an entry gives, as ferry will put it in an image: an entry of the wrong kind
+/// (an alias without the key it stands for, or a content entry with one) is refused, and
+/// the blob's descriptor is rebuilt from its media type, digest and size alone, so nothing
+/// else an index says (URLs, annotations) reaches a manifest. Only the layer types every
+/// runtime unpacks are taken.
+fn checked_layer(layer: &CachedLayer, alias: bool) -> Result<CachedLayer, String> {
+    match (alias, &layer.resolves_to) {
+        (true, None) => return Err("it is an alias entry without the key it stands for".into()),
+        (false, Some(_)) => return Err("it is an alias entry under a content key".into()),
+        _ => {}
+    }
+    let media_type = layer.blob.media_type.as_str();
+    if layer_compression(media_type).is_none() {
+        return Err(format!("its layer has media type {media_type:?}"));
+    }
+    Ok(CachedLayer {
+        blob: Descriptor::new(media_type, layer.blob.digest.clone(), layer.blob.size),
+        ..layer.clone()
+    })
+}
+
+/// How a layer of `media_type` is compressed, for the layer types a shared cache may hold.
+fn layer_compression(media_type: &str) -> Option<crate::layer::Compression> {
+    use crate::layer::Compression;
+    use oci::media_type::*;
+    match media_type {
+        OCI_LAYER => Some(Compression::None),
+        OCI_LAYER_GZIP | DOCKER_LAYER_GZIP => Some(Compression::Gzip),
+        OCI_LAYER_ZSTD => Some(Compression::Zstd),
+        _ => None,
+    }
 }
 
 /// The layer blob must decompress to the entry's diff_id: the image config will list it,
 /// and a wrong one makes an image no runtime can unpack.
 fn check_diff_id(store: &Store, layer: &CachedLayer) -> Result<(), String> {
+    let compression = layer_compression(&layer.blob.media_type)
+        .ok_or_else(|| format!("its layer has media type {:?}", layer.blob.media_type))?;
     let file = store.open_blob(&layer.blob.digest).map_err(|e| e.to_string())?;
-    let (_, mut reader) = crate::layer::decompress(std::io::BufReader::new(file))
+    // As the media type says, not as the bytes look: a runtime trusts the media type.
+    let mut reader = crate::layer::decompressing_reader(std::io::BufReader::new(file), compression)
         .map_err(|e| format!("blob {}: {e}", layer.blob.digest))?;
     let mut hasher = Hasher::new();
     let mut buf = vec![0u8; 256 << 10];
@@ -422,15 +520,49 @@ mod tests {
             entry(3, &["web"]),         // not built now: kept
         ]
         .into();
-        let ours: BTreeMap<_, _> = [entry(1, &["api"]), entry(4, &["api"])].into();
+        // This build made key 1's layer anew (say with --no-cache): its layer wins.
+        let (key1, mut rebuilt) = entry(1, &["api"]);
+        rebuilt.layer.created_by = "RUN 1, rebuilt".into();
+        let ours: BTreeMap<_, _> = [(key1.clone(), rebuilt), entry(4, &["api"])].into();
         let built: BTreeSet<String> = ["api".to_string()].into();
         let merged = merge(theirs, ours, &built);
         let keys: BTreeSet<_> = merged.keys().cloned().collect();
         assert_eq!(keys, [1, 3, 4].map(|n| entry(n, &[]).0).into());
         let images = |n: u8| merged[&entry(n, &[]).0].images.iter().cloned().collect::<Vec<_>>();
         assert_eq!(images(1), ["api", "base"]);
+        assert_eq!(merged[&key1].layer.created_by, "RUN 1, rebuilt");
         assert_eq!(images(3), ["web"]);
         assert_eq!(images(4), ["api"]);
+    }
+
+    #[test]
+    fn an_entry_gives_only_a_plain_layer_of_its_own_kind() {
+        let (_, e) = entry(1, &["api"]);
+        let mut dressed = e.layer.clone();
+        dressed.blob.urls = vec!["https://elsewhere.example/blob".into()];
+        dressed.blob.annotations.insert("k".into(), "v".into());
+        let layer = checked_layer(&dressed, false).unwrap();
+        assert_eq!(
+            layer.blob,
+            Descriptor::new(&e.layer.blob.media_type, e.layer.blob.digest.clone(), 1)
+        );
+
+        let alias = CachedLayer { resolves_to: Some(Digest::of(b"k")), ..e.layer.clone() };
+        assert!(checked_layer(&alias, true).is_ok());
+        assert!(checked_layer(&alias, false)
+            .unwrap_err()
+            .contains("alias entry under a content key"));
+        assert!(checked_layer(&e.layer, true).unwrap_err().contains("without the key"));
+
+        for media_type in [
+            "application/vnd.oci.image.layer.v1.tar+xz",
+            oci::media_type::OCI_LAYER_NONDIST_GZIP,
+            oci::media_type::OCI_CONFIG,
+        ] {
+            let mut odd = e.layer.clone();
+            odd.blob.media_type = media_type.into();
+            assert!(checked_layer(&odd, false).unwrap_err().contains("media type"), "{media_type}");
+        }
     }
 
     #[test]

@@ -132,8 +132,12 @@ pub(super) fn build_selected(
     let sharing = !inputs.cache_from.is_empty() || inputs.cache_to.is_some();
     let registry = RegistryClient::new(RegistryConfig::for_manifest(manifest));
     let mut shared = SharedCache::new(&registry);
-    for warning in shared.import(&inputs.cache_from) {
-        printer.warn(&warning);
+    if mode.no_cache && !inputs.cache_from.is_empty() {
+        printer.warn("--cache-from is not read with --no-cache");
+    } else {
+        for warning in shared.import(&inputs.cache_from) {
+            printer.warn(&warning);
+        }
     }
     let progress = Progress::new(printer, global);
     let mut report = build_fleet(

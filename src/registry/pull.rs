@@ -9,7 +9,7 @@ use crate::digest::Digest;
 use crate::oci::{
     self, Compression, Descriptor, ImageConfig, ImageManifest, ParsedManifest, Platform,
 };
-use crate::reference::{Reference, Repository};
+use crate::reference::Reference;
 use crate::store::{Store, StoreError};
 
 /// How to pull.
@@ -116,7 +116,7 @@ pub fn pull(
 
     // Config first (small, and it says how many layers to expect), then the layers.
     let mut stats = Stats::default();
-    fetch_blob(store, registry, &reference.repository, &manifest.config, &mut stats)?;
+    fetch_blob(store, registry, reference, &manifest.config, &mut stats)?;
     let config: ImageConfig = store.read_json(&manifest.config.digest)?;
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
         return Err(invalid(
@@ -197,7 +197,7 @@ fn fetch_layers(
                 let next = queue.lock().ok().and_then(|mut q| q.next());
                 let Some(layer) = next else { return };
                 let mut local = Stats::default();
-                match fetch_blob(store, registry, &reference.repository, layer, &mut local) {
+                match fetch_blob(store, registry, reference, layer, &mut local) {
                     Ok(()) => {
                         if let Ok(mut t) = total.lock() {
                             t.fetched += local.fetched;
@@ -225,15 +225,13 @@ fn fetch_layers(
     Ok(())
 }
 
-/// Stream one blob into the store unless it is there. The store rejects bytes that do not
-/// hash to the digest; a broken stream starts over.
-/// Download the blob `desc` of `repo` into `store` unless the store has it, verifying its
-/// size and digest as it streams; a download that breaks off starts over as the registry's
-/// retry policy allows.
+/// Download the blob `desc` of `reference`'s repository into `store` unless the store has
+/// it, verifying its size and digest as it streams; a download that breaks off starts over
+/// as the registry's retry policy allows.
 pub(crate) fn fetch_blob(
     store: &Store,
     registry: &dyn Registry,
-    repo: &Repository,
+    reference: &Reference,
     desc: &Descriptor,
     stats: &mut Stats,
 ) -> Result<()> {
@@ -241,18 +239,19 @@ pub(crate) fn fetch_blob(
         stats.present += 1;
         return Ok(());
     }
+    let repo = &reference.repository;
     let mut attempt = 0;
     loop {
         attempt += 1;
         let stream = registry.get_blob(repo, &desc.digest)?;
         let mut writer = store.blob_writer()?;
         // Read at most one byte more than announced: enough to tell a blob is too long.
-        let mut limited = stream.reader.take(desc.size + 1);
+        let mut limited = stream.reader.take(desc.size.saturating_add(1));
         match copy(&mut limited, &mut writer) {
             Ok(n) if n != desc.size => {
                 return Err(RegistryError::Invalid {
                     registry: repo.registry.clone(),
-                    what: format!("blob {} of {}", desc.digest, repo.familiar()),
+                    what: format!("blob {} of {}", desc.digest, reference.familiar()),
                     reason: format!(
                         "it has {}{} bytes, the manifest says {}",
                         if n > desc.size { "more than " } else { "" },
@@ -271,7 +270,7 @@ pub(crate) fn fetch_blob(
                     Err(StoreError::DigestMismatch { expected, actual, .. }) => {
                         Err(RegistryError::DigestMismatch {
                             registry: repo.registry.clone(),
-                            what: format!("blob of {}", repo.familiar()),
+                            what: format!("blob of {}", reference.familiar()),
                             expected,
                             actual,
                         })
