@@ -163,14 +163,14 @@ fn a_quiet_or_failing_server_fails_the_step_and_says_why() {
             ("dl/Dockerfile", &format!("FROM scratch\nADD http://127.0.0.1:{port}{path} /x\n")),
         ]);
         let store = tempfile::tempdir().unwrap();
-        let started = Instant::now();
         let out = build(dir.path(), store.path(), retries);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{path}: {err}");
         assert!(err.contains("dl/Dockerfile:2:"), "{path}: {err}");
         assert!(err.contains(&format!("ADD http://127.0.0.1:{port}{path}")), "{path}: {err}");
+        // The message says why it gave up (the stall ends after 5 s with another error, the
+        // wait asked for is an hour); no clock is read: a busy CI machine is slow anyway.
         assert!(err.contains(expected), "{path}: expected {expected:?} in {err}");
-        assert!(started.elapsed() < Duration::from_secs(4), "{path}: gave up late");
         let slot = PATHS.iter().position(|p| *p == path).unwrap();
         assert_eq!(counts[slot].load(Ordering::SeqCst), requests, "{path}: requests");
     }
