@@ -793,3 +793,58 @@ fn run_caches_are_counted_and_removed_by_all_or_when_unused() {
     let report = work.json(T0 + 2 * DAY, &["cache", "prune", "--all"]);
     assert_eq!(report["removed_run_caches"].as_array().unwrap().len(), 1, "{report}");
 }
+
+#[test]
+fn a_build_keeps_the_cache_within_its_budget_at_most_hourly_and_never_waits() {
+    const BUDGET: &str = "FERRY_CACHE_KEEP_BYTES";
+    let w = one_layer_app();
+    let (a, b) = (common::noise(40_000, 1), common::noise(20_000, 2));
+    let build = |now: u64, budget: &str| {
+        let out = w.ferry(now).env(BUDGET, budget).arg("build").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    w.write("app/data", &a);
+    w.build(T0, &[]);
+    let layer_a = fixture::layer_digests(&w.store, "app")[0].clone();
+    w.write("app/data", &b);
+    // Over a one-byte budget now that A is only in the cache, but a build at T0 stamped the
+    // store (the default budget, a tenth of the disk, removed nothing): not before an hour.
+    let err = build(T0 + 1800, "1");
+    assert!(!err.contains("build cache over"), "{err}");
+    assert!(has_blob(&w.store, &layer_a));
+    let layer_b = fixture::layer_digests(&w.store, "app")[0].clone();
+
+    // An hour on, a build (a no-op) prunes: A goes, B (tagged) stays.
+    let err = build(T0 + 2 * HOUR, "1");
+    assert!(err.contains("build cache over 1B: pruned 1 entry"), "{err}");
+    assert!(!has_blob(&w.store, &layer_a));
+    assert!(has_blob(&w.store, &layer_b));
+    w.verify();
+
+    // `off` never prunes.
+    w.write("app/data", &a);
+    build(T0 + 4 * HOUR, "off");
+    w.write("app/data", &b);
+    let err = build(T0 + 6 * HOUR, "off");
+    assert!(!err.contains("build cache over"), "{err}");
+    assert!(has_blob(&w.store, &layer_a));
+
+    // A store another process is using (here: holding the gc lock as a build does) is left
+    // alone, without waiting, and without a stamp: the next build prunes.
+    let store = ferry::store::Store::open(&w.store).unwrap();
+    let busy = store.gc_guard().unwrap();
+    let err = build(T0 + 8 * HOUR, "1");
+    assert!(!err.contains("build cache over"), "{err}");
+    assert!(has_blob(&w.store, &layer_a));
+    drop(busy);
+    let err = build(T0 + 8 * HOUR + 1, "1");
+    assert!(err.contains("pruned 1 entry"), "{err}");
+    assert!(!has_blob(&w.store, &layer_a));
+
+    // A budget that is not a size is a warning naming the variable; the build is done.
+    let err = build(T0 + 10 * HOUR, "lots");
+    assert!(err.contains("FERRY_CACHE_KEEP_BYTES: `lots` is not a size"), "{err}");
+    w.verify();
+}

@@ -331,7 +331,72 @@ pub fn prune(
     kept_roots: impl FnOnce() -> Vec<Digest>,
 ) -> Result<CachePruneReport> {
     // Waits for running builds, pulls and pushes; none starts until the prune is done.
-    let _gc = if dry_run { None } else { Some(store.lock("gc")?) };
+    let gc = if dry_run { None } else { Some(store.lock("gc")?) };
+    prune_holding(store, policy, dry_run, clock, kept_roots, gc)
+}
+
+/// The environment variable that sets what the automatic prune after a build keeps: a size
+/// as `--keep-bytes` takes it, or `off`.
+pub const AUTO_KEEP_BYTES_ENV: &str = "FERRY_CACHE_KEEP_BYTES";
+
+/// How often at most the automatic prune runs on one store: its survey reads every cache
+/// entry, which a no-op build should not pay each time.
+pub const AUTO_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The automatic prune's budget: [`AUTO_KEEP_BYTES_ENV`] when set (None for `off`), else a
+/// tenth of the size of the filesystem the store is on, as BuildKit's default GC keeps.
+pub fn auto_keep_bytes(
+    store: &Store,
+    setting: Option<&str>,
+) -> std::result::Result<Option<u64>, String> {
+    match setting.map(str::trim) {
+        Some("off") => Ok(None),
+        Some(size) => {
+            parse_size(size).map(Some).map_err(|e| format!("{AUTO_KEEP_BYTES_ENV}: {e}, or `off`"))
+        }
+        None => {
+            let fs = nix::sys::statvfs::statvfs(store.root()).map_err(|e| {
+                format!("cannot size the filesystem of {}: {e}", store.root().display())
+            })?;
+            Ok(Some(fs.blocks() as u64 * fs.fragment_size() as u64 / 10))
+        }
+    }
+}
+
+/// After a build: `cache prune --keep-bytes keep`, unless a prune ran within
+/// [`AUTO_PRUNE_INTERVAL`] or another process holds the store (a build, a pull, a prune):
+/// it never waits, since the build it follows is done. None when it did not run.
+pub fn auto_prune(
+    store: &Store,
+    keep: u64,
+    clock: Clock,
+    kept_roots: impl FnOnce() -> Vec<Digest>,
+) -> Result<Option<CachePruneReport>> {
+    let stamp = store.state_dir("cache")?.join("auto-prune.stamp");
+    let last = fs::metadata(&stamp).and_then(|m| m.modified()).ok();
+    let now = clock.now();
+    // Within the interval either way: a clock set back far enough does not stop pruning.
+    let apart = |t: SystemTime| now.duration_since(t).or_else(|e| Ok::<_, ()>(e.duration()));
+    if last.is_some_and(|t| apart(t).is_ok_and(|d| d < AUTO_PRUNE_INTERVAL)) {
+        return Ok(None);
+    }
+    let Some(gc) = store.try_lock("gc")? else { return Ok(None) };
+    // Stamped first: a prune that fails is not tried again after every build.
+    fs::write(&stamp, b"").map_err(io_err("write", &stamp))?;
+    let _ = fs::File::options().write(true).open(&stamp).and_then(|f| f.set_modified(now));
+    let policy = PrunePolicy { keep_bytes: Some(keep), ..PrunePolicy::default() };
+    prune_holding(store, &policy, false, clock, kept_roots, Some(gc)).map(Some)
+}
+
+/// A prune with the `gc` lock already taken (None for a dry run, which takes none).
+fn prune_holding(
+    store: &Store,
+    policy: &PrunePolicy,
+    dry_run: bool,
+    clock: Clock,
+    kept_roots: impl FnOnce() -> Vec<Digest>,
+    _gc: Option<crate::store::LockGuard>,
+) -> Result<CachePruneReport> {
     let cache = CacheIndex::open_with_clock(store, clock)?;
     let journal = Journal::path(&cache);
     let unfinished = Journal::read(&journal);
@@ -611,6 +676,20 @@ mod tests {
     use crate::build::cache::CachedLayer;
     use crate::build::key::CacheKey;
     use crate::oci::Descriptor;
+
+    #[test]
+    fn the_automatic_budget_is_the_setting_or_a_tenth_of_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        assert_eq!(auto_keep_bytes(&store, Some("off")), Ok(None));
+        assert_eq!(auto_keep_bytes(&store, Some(" 20GB ")), Ok(Some(20_000_000_000)));
+        let err = auto_keep_bytes(&store, Some("plenty")).unwrap_err();
+        assert!(err.starts_with("FERRY_CACHE_KEEP_BYTES: `plenty` is not a size"), "{err}");
+        let fs = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        let disk = fs.blocks() as u64 * fs.fragment_size() as u64;
+        assert_eq!(auto_keep_bytes(&store, None), Ok(Some(disk / 10)));
+        assert!(disk > 0);
+    }
 
     #[test]
     fn sizes() {

@@ -227,7 +227,7 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
     // From before the bases are pinned until the images are exported: a concurrent prune
     // must not take a base pulled by digest only, or a built image whose name another
     // process moved meanwhile, in between.
-    let _gc = store.gc_guard().map_err(|e| CliError::invalid(miette::miette!("{e}")))?;
+    let gc = store.gc_guard().map_err(|e| CliError::invalid(miette::miette!("{e}")))?;
     let fleet = Selection { manifest: &manifest, graph: &graph, selected: &selected };
     let mode = BuildMode { no_cache: args.no_cache, keep_going: args.keep_going, pull: args.pull };
     let (report, bases) = build_selected(global, printer, &fleet, &store, &args.inputs, mode)?;
@@ -288,6 +288,8 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
         ));
         printer.text(&text);
     }
+    drop(gc);
+    super::cache::auto_prune(&store, printer);
     if report.failed() > 0 {
         for img in report.images.iter().filter(|i| i.status == ImageStatus::Failed) {
             eprintln!("error: image `{}`: {}", img.name, img.error.as_deref().unwrap_or_default());

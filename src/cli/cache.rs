@@ -188,3 +188,32 @@ fn verify(global: &GlobalArgs, printer: &Printer) -> CliResult {
         )))
     }
 }
+
+/// After a build: keep the build cache within its budget (`FERRY_CACHE_KEEP_BYTES`, default
+/// a tenth of the store's filesystem), at most once an hour and never waiting for another
+/// process. Call it with the store's gc guard released. A failure is a warning: the build
+/// it follows is done.
+pub(super) fn auto_prune(store: &ferry::store::Store, printer: &Printer) {
+    let setting = std::env::var(cache_prune::AUTO_KEEP_BYTES_ENV).ok();
+    let keep = match cache_prune::auto_keep_bytes(store, setting.as_deref()) {
+        Ok(Some(keep)) => keep,
+        Ok(None) => return,
+        Err(e) => {
+            printer.warn(&format!("the build cache is not pruned: {e}"));
+            return;
+        }
+    };
+    let roots = || super::prune::variant_roots(store);
+    match cache_prune::auto_prune(store, keep, Clock::from_env(), roots) {
+        Ok(Some(r)) if r.entries_removed > 0 || r.reclaimed_bytes > 0 => printer.status(&format!(
+            "build cache over {}: pruned {} entr{} least recently used, {} freed ({} sets the budget)",
+            human_size(keep),
+            r.entries_removed,
+            if r.entries_removed == 1 { "y" } else { "ies" },
+            human_size(r.reclaimed_bytes),
+            cache_prune::AUTO_KEEP_BYTES_ENV
+        )),
+        Ok(_) => {}
+        Err(e) => printer.warn(&format!("automatic build cache prune: {e}")),
+    }
+}

@@ -225,6 +225,8 @@ pub fn run(global: &GlobalArgs, args: PushArgs, printer: &Printer) -> CliResult 
     } else {
         printer.text(&report_text(&report));
     }
+    drop(built._gc_guard);
+    super::cache::auto_prune(&built.store, printer);
     if report.all_published() {
         Ok(ExitStatus::Success)
     } else {

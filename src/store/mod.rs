@@ -304,6 +304,19 @@ impl Store {
         LockGuard::acquire(&self.lock_path(name), true)
     }
 
+    /// An exclusive named lock if nobody holds it now; None (without waiting) otherwise.
+    pub fn try_lock(&self, name: &str) -> Result<Option<LockGuard>> {
+        match LockGuard::try_acquire(&self.lock_path(name), true) {
+            Ok(guard) => Ok(Some(guard)),
+            Err(StoreError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// A shared named lock: many holders at once, none while someone holds it exclusively.
     pub fn lock_shared(&self, name: &str) -> Result<LockGuard> {
         LockGuard::acquire(&self.lock_path(name), false)
