@@ -49,13 +49,28 @@ fn build(dir: &Path, store: &Path, args: &[&str]) -> (serde_json::Value, String)
     (serde_json::from_slice(&out.stdout).unwrap(), stderr(&out))
 }
 
-#[test]
-fn a_fresh_store_builds_the_same_images_from_a_shared_cache_without_running_a_step() {
+/// A registry, the fleet, and its first build in a store of its own, exported to `cache`.
+struct Exported {
+    reg: TestRegistry,
+    cache: String,
+    dir: tempfile::TempDir,
+    first: tempfile::TempDir,
+    /// The first build's report.
+    built: serde_json::Value,
+}
+
+fn exported() -> Exported {
     let reg = TestRegistry::start(RegistryOptions::default());
     let cache = format!("{}/ci/cache:main", reg.host);
     let dir = fleet();
     let first = tempfile::tempdir().unwrap();
     let (built, _) = build(dir.path(), first.path(), &["--cache-to", &cache]);
+    Exported { reg, cache, dir, first, built }
+}
+
+#[test]
+fn a_fresh_store_builds_the_same_images_from_a_shared_cache_without_running_a_step() {
+    let Exported { reg, cache, dir, first, built } = exported();
     let want = digests(&built);
     assert_eq!(built["cache_to"]["reference"], cache.as_str(), "{built}");
     assert!(built["cache_to"]["blobs_uploaded"].as_u64().unwrap() >= 5, "{built}");
@@ -109,12 +124,8 @@ fn a_fresh_store_builds_the_same_images_from_a_shared_cache_without_running_a_st
 
 #[test]
 fn an_export_of_some_images_keeps_the_entries_of_the_others() {
-    let reg = TestRegistry::start(RegistryOptions::default());
-    let cache = format!("{}/ci/cache:main", reg.host);
-    let dir = fleet();
-    let first = tempfile::tempdir().unwrap();
-    let (all, _) = build(dir.path(), first.path(), &["--cache-to", &cache]);
-    let before = digests(&all);
+    let Exported { reg: _reg, cache, dir, first: _first, built } = exported();
+    let before = digests(&built);
 
     // A change to app, built alone (with its ancestor) in another store, from and to the cache.
     std::fs::write(dir.path().join("app/app.txt"), "two\n").unwrap();
@@ -167,11 +178,7 @@ fn a_missing_unreachable_or_foreign_cache_is_a_warning_and_the_build_goes_on() {
 
 #[test]
 fn an_entry_whose_layer_is_not_what_it_says_is_built_locally() {
-    let reg = TestRegistry::start(RegistryOptions::default());
-    let cache = format!("{}/ci/cache:main", reg.host);
-    let dir = fleet();
-    let first = tempfile::tempdir().unwrap();
-    let (built, _) = build(dir.path(), first.path(), &["--cache-to", &cache]);
+    let Exported { reg, cache, dir, first, built } = exported();
     let want = digests(&built);
 
     // Rewrite the index: app's RUN entry now claims another diff_id for its layer.
@@ -253,12 +260,8 @@ fn put_manifest(host: &str, repo: &str, tag: &str, bytes: &[u8]) {
 
 #[test]
 fn a_registry_that_fails_costs_only_the_cache() {
-    let reg = TestRegistry::start(RegistryOptions::default());
+    let Exported { reg, cache: direct, dir, first: _first, built } = exported();
     let proxy = FaultProxy::in_front_of(&reg, |_| Action::Forward);
-    let dir = fleet();
-    let direct = format!("{}/ci/cache:main", reg.host);
-    let first = tempfile::tempdir().unwrap();
-    let (built, _) = build(dir.path(), first.path(), &["--cache-to", &direct]);
     let exported = skopeo_digest(&direct).unwrap();
     let index = skopeo_inspect(&direct).unwrap()["config"]["digest"].as_str().unwrap().to_string();
     // The index reads, but every layer download answers 500 (ferry retries, then gives up
