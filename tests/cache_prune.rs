@@ -758,10 +758,11 @@ fn run_caches_are_counted_and_removed_by_all_or_when_unused() {
     assert_eq!(stats["run_cache_bytes"].as_u64().unwrap(), du(&caches[0]), "{stats}");
     assert!(du(&caches[0]) >= 100_000);
 
-    // Used a day ago: --keep-bytes (a budget for layers) and --older-than 2d leave it; dry
-    // runs that would remove it change nothing.
+    // Used a day ago: a budget it fits in and --older-than 2d leave it; dry runs that would
+    // remove it change nothing.
     for (args, listed) in [
-        (&["--keep-bytes", "0"][..], 0),
+        (&["--keep-bytes", "10MB"][..], 0),
+        (&["--keep-bytes", "0", "--dry-run"], 1),
         (&["--older-than", "2d"], 0),
         (&["--older-than", "12h", "--dry-run"], 1),
         (&["--all", "--dry-run"], 1),
@@ -847,4 +848,51 @@ fn a_build_keeps_the_cache_within_its_budget_at_most_hourly_and_never_waits() {
     let err = build(T0 + 10 * HOUR, "lots");
     assert!(err.contains("FERRY_CACHE_KEEP_BYTES: `lots` is not a size"), "{err}");
     w.verify();
+}
+
+#[test]
+fn keep_bytes_takes_run_caches_and_layers_least_recently_used_first() {
+    let work = Work::new(&[
+        (
+            "images.toml",
+            "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.app]\ncontext = \"app\"\n",
+        ),
+        ("bb/Dockerfile", fixture::BUSYBOX_BASE),
+        (
+            "app/Dockerfile",
+            "FROM bb\nARG A=1\nRUN --mount=type=cache,target=/c,id=old head -c 100000 /dev/zero > /c/f-$A\n\
+             ARG B=1\nRUN --mount=type=cache,target=/c,id=new head -c 200000 /dev/zero > /c/f-$B\n",
+        ),
+    ]);
+    work.build(T0, &[]);
+    // A day later only the second step runs: the `new` cache is used, `old` is not.
+    work.build(T0 + DAY, &["--arg", "B=2"]);
+    // Cache directories are named by the id's digest: `new` is the one the second run wrote
+    // its second file into.
+    let dirs: Vec<PathBuf> = std::fs::read_dir(work.store.join("mounts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    let (new, old): (Vec<PathBuf>, Vec<PathBuf>) =
+        dirs.into_iter().partition(|d| d.join("f-2").exists());
+    let (new, old) = (new[0].clone(), old[0].clone());
+    assert!(du(&new) > du(&old), "the newer cache is the larger");
+    // Room for `new` and a little more: `old`, used least recently, goes, though smaller.
+    let budget = (du(&new) + 2000).to_string();
+    let report = work.json(T0 + DAY + HOUR, &["cache", "prune", "--keep-bytes", &budget]);
+    let old_name = old.file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(report["removed_run_caches"], serde_json::json!([old_name]), "{report}");
+    assert!(!old.exists() && new.is_dir());
+    work.verify();
+    // The automatic prune after a build takes the same budget.
+    let out = work
+        .ferry(T0 + 3 * DAY)
+        .env("FERRY_CACHE_KEEP_BYTES", "1")
+        .args(["build", "--arg", "B=3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!new.exists(), "{}", String::from_utf8_lossy(&out.stderr));
 }

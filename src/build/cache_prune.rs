@@ -5,8 +5,9 @@
 //!
 //! What a cache entry costs is what would be freed without it: a layer an image in the store
 //! (or a compression variant) also reaches is kept anyway and is "shared"; the rest is
-//! "reclaimable". `--keep-bytes` budgets the reclaimable layer blobs: shared layers cost the
-//! cache nothing, so their entries are never dropped to meet it.
+//! "reclaimable". `--keep-bytes` budgets the reclaimable layer blobs and the
+//! `RUN --mount=type=cache` directories together, least recently used first: shared layers
+//! cost the cache nothing, so their entries are never dropped to meet it.
 //!
 //! Safety, as for `ferry prune`: a real prune holds the store's `gc` lock exclusively, which
 //! every build holds shared from before it pins its bases until its images are named, so no
@@ -89,7 +90,7 @@ pub struct PrunePolicy {
     /// Only entries unused for at least this long (all entries when None).
     pub older_than: Option<Duration>,
     /// Of those, only as many as needed, least recently used first, for the reclaimable
-    /// layer bytes of the whole cache to be at most this many.
+    /// layer bytes and the RUN caches' bytes to be at most this many.
     pub keep_bytes: Option<u64>,
 }
 
@@ -105,8 +106,8 @@ pub struct CachePruneReport {
     /// Snapshot ids deleted, and their disk usage.
     pub removed_snapshots: Vec<String>,
     pub snapshot_bytes: u64,
-    /// `RUN --mount=type=cache` directories deleted (by `--all`, or `--older-than` without
-    /// `--keep-bytes`; one in use is kept).
+    /// `RUN --mount=type=cache` directories deleted (by `--all`, `--keep-bytes` or
+    /// `--older-than`; one in use is kept).
     pub removed_run_caches: Vec<String>,
     pub run_cache_bytes: u64,
     /// RUN caches that could not be removed, and why.
@@ -123,6 +124,15 @@ struct Survey {
     kept_by_images: HashSet<Digest>,
     /// Snapshot ids of the layers of the images in the store.
     image_snapshots: HashSet<String>,
+    /// The RUN caches with their last use and size, when a budget needs them.
+    run_caches: Vec<RunCacheUse>,
+}
+
+/// A `RUN --mount=type=cache` directory as a budget sees it.
+struct RunCacheUse {
+    dir: PathBuf,
+    last_used: SystemTime,
+    bytes: u64,
 }
 
 impl Survey {
@@ -145,7 +155,17 @@ impl Survey {
                 image_snapshots.extend(image.config.rootfs.diff_ids.iter().map(snapshot_id));
             }
         }
-        Ok(Survey { entries, blob_sizes, kept_by_images, image_snapshots })
+        Ok(Survey { entries, blob_sizes, kept_by_images, image_snapshots, run_caches: Vec::new() })
+    }
+
+    /// Add the RUN caches (their sizes are a walk of each: only a budget needs them).
+    fn with_run_caches(mut self, store: &Store) -> Result<Survey> {
+        for dir in run_caches(store)? {
+            let last_used = run_cache_last_use(&dir).unwrap_or(SystemTime::UNIX_EPOCH);
+            let bytes = disk_usage(&dir)?;
+            self.run_caches.push(RunCacheUse { dir, last_used, bytes });
+        }
+        Ok(self)
     }
 
     /// The layer blob an entry gives, if it gives one (readable, blob present).
@@ -254,23 +274,27 @@ struct RunCachesPruned {
     failed: Vec<String>,
 }
 
-/// Remove every RUN cache directory no step is using and none used for `age` before `now`
-/// (a step's lock sets its lock file's mtime), and the half-made ones.
+/// Which RUN caches a prune takes, by directory and last use.
+type RunCacheFilter<'a> = dyn Fn(&Path, io::Result<SystemTime>) -> bool + 'a;
+
+/// When a RUN cache was last used: a step's lock sets its lock file's mtime.
+fn run_cache_last_use(dir: &Path) -> io::Result<SystemTime> {
+    let lock_path = super::cache_mount::lock_path(dir);
+    fs::metadata(&lock_path).or_else(|_| fs::metadata(dir)).and_then(|m| m.modified())
+}
+
+/// Remove every RUN cache directory `chosen` picks (by its path and last use) that no step
+/// is using, and the half-made ones.
 fn prune_run_caches(
     store: &Store,
     dry_run: bool,
-    age: Duration,
-    now: SystemTime,
+    chosen: &RunCacheFilter<'_>,
 ) -> Result<RunCachesPruned> {
     let mut done = RunCachesPruned { removed: Vec::new(), bytes: 0, failed: Vec::new() };
     for dir in run_caches(store)? {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let lock_path = super::cache_mount::lock_path(&dir);
-        let last_used =
-            fs::metadata(&lock_path).or_else(|_| fs::metadata(&dir)).and_then(|m| m.modified());
-        // A last use in this clock's future is a use now.
-        let old_enough = last_used.is_ok_and(|t| now.duration_since(t).is_ok_and(|a| a >= age));
-        if !old_enough {
+        if !chosen(&dir, run_cache_last_use(&dir)) {
             continue;
         }
         // A step holds `<dir>.lock` (shared or exclusive) while it uses the directory.
@@ -400,8 +424,11 @@ fn prune_holding(
     let cache = CacheIndex::open_with_clock(store, clock)?;
     let journal = Journal::path(&cache);
     let unfinished = Journal::read(&journal);
-    let survey = Survey::take(store, &cache, &kept_roots())?;
-    let doomed = select(&survey, policy, clock.now());
+    let mut survey = Survey::take(store, &cache, &kept_roots())?;
+    if policy.keep_bytes.is_some() && !policy.all {
+        survey = survey.with_run_caches(store)?;
+    }
+    let (doomed, doomed_run_caches) = select(&survey, policy, clock.now());
 
     let mut needed_blobs: HashSet<&Digest> = HashSet::new();
     let mut needed_snapshots: HashSet<String> = survey.image_snapshots.clone();
@@ -452,14 +479,25 @@ fn prune_holding(
     report.removed_snapshots = snapshots.clone();
     // Last, after the layers: a cache that will not go keeps nothing else from going.
     let run_caches = |report: &mut CachePruneReport| -> Result<()> {
-        // --all, or unused for --older-than (--keep-bytes budgets layers, not these).
-        let unused_for = match (policy.all, policy.older_than, policy.keep_bytes) {
-            (true, _, _) => Some(Duration::ZERO),
-            (false, Some(age), None) => Some(age),
-            _ => None,
+        // --all; those the budget picked; or those unused for --older-than.
+        let now = clock.now();
+        let everything = |_: &Path, _: io::Result<SystemTime>| true;
+        let in_budget = |dir: &Path, _: io::Result<SystemTime>| doomed_run_caches.contains(dir);
+        // A last use in this clock's future is a use now.
+        let unused = |_: &Path, used: io::Result<SystemTime>| {
+            policy.older_than.is_some_and(|age| {
+                used.is_ok_and(|t| now.duration_since(t).is_ok_and(|a| a >= age))
+            })
         };
-        if let Some(age) = unused_for {
-            let done = prune_run_caches(store, dry_run, age, clock.now())?;
+        let chosen: Option<&RunCacheFilter<'_>> =
+            match (policy.all, policy.older_than, policy.keep_bytes) {
+                (true, _, _) => Some(&everything),
+                (false, _, Some(_)) => Some(&in_budget),
+                (false, Some(_), None) => Some(&unused),
+                (false, None, None) => None,
+            };
+        if let Some(chosen) = chosen {
+            let done = prune_run_caches(store, dry_run, chosen)?;
             report.removed_run_caches = done.removed;
             report.run_cache_bytes = done.bytes;
             report.failed_run_caches = done.failed;
@@ -495,22 +533,29 @@ fn prune_holding(
     Ok(report)
 }
 
-/// Which entries go: `true` at the index of each doomed entry of `survey.entries`.
-fn select(survey: &Survey, policy: &PrunePolicy, now: SystemTime) -> Vec<bool> {
+/// Which entries go (`true` at the index of each doomed entry of `survey.entries`), and
+/// which RUN caches a budget removes.
+fn select(
+    survey: &Survey,
+    policy: &PrunePolicy,
+    now: SystemTime,
+) -> (Vec<bool>, BTreeSet<PathBuf>) {
     let entries = &survey.entries;
     let broken = |e: &IndexEntry| survey.blob_of(e).is_none();
     if policy.all {
-        return vec![true; entries.len()];
+        return (vec![true; entries.len()], BTreeSet::new());
     }
-    let candidate = |e: &IndexEntry| match policy.older_than {
-        // A last use in this clock's future is a use now.
-        Some(age) => now.duration_since(e.last_used).is_ok_and(|a| a >= age),
+    // A last use in this clock's future is a use now.
+    let candidate = |last_used: SystemTime| match policy.older_than {
+        Some(age) => now.duration_since(last_used).is_ok_and(|a| a >= age),
         None => policy.keep_bytes.is_some(),
     };
-    let mut doomed: Vec<bool> = entries.iter().map(|e| broken(e) || candidate(e)).collect();
-    let Some(keep) = policy.keep_bytes else { return doomed };
+    let mut doomed: Vec<bool> =
+        entries.iter().map(|e| broken(e) || candidate(e.last_used)).collect();
+    let Some(keep) = policy.keep_bytes else { return (doomed, BTreeSet::new()) };
 
-    // A budget: whole layers go, least recently used first, until the rest fits.
+    // A budget: whole layers and RUN caches go, least recently used first, until the rest
+    // fits.
     struct LayerUse {
         last_used: SystemTime,
         entries: Vec<usize>,
@@ -529,23 +574,51 @@ fn select(survey: &Survey, policy: &PrunePolicy, now: SystemTime) -> Vec<bool> {
         l.removable &= doomed[i];
         doomed[i] = false;
     }
-    let mut total: u64 = layers.keys().map(|b| survey.cost(b)).sum();
-    let mut order: Vec<(&&Digest, &LayerUse)> = layers.iter().collect();
-    order.sort_by_key(|(blob, l)| (l.last_used, **blob));
-    for (blob, l) in order {
+    enum Item<'a> {
+        Layer(&'a Digest, &'a LayerUse),
+        RunCache(&'a RunCacheUse),
+    }
+    let mut total: u64 = layers.keys().map(|b| survey.cost(b)).sum::<u64>()
+        + survey.run_caches.iter().map(|c| c.bytes).sum::<u64>();
+    let mut order: Vec<(SystemTime, Item<'_>)> = layers
+        .iter()
+        .map(|(blob, l)| (l.last_used, Item::Layer(blob, l)))
+        .chain(survey.run_caches.iter().map(|c| (c.last_used, Item::RunCache(c))))
+        .collect();
+    // Oldest first; at one time, layers (by digest) before caches (by path).
+    order.sort_by(|(ta, a), (tb, b)| {
+        let rank = |i: &Item<'_>| match i {
+            Item::Layer(d, _) => (0, d.to_string()),
+            Item::RunCache(c) => (1, c.dir.to_string_lossy().into_owned()),
+        };
+        (ta, rank(a)).cmp(&(tb, rank(b)))
+    });
+    let mut run_caches = BTreeSet::new();
+    for (_, item) in order {
         if total <= keep {
             break;
         }
-        let cost = survey.cost(blob);
-        if cost == 0 || !l.removable {
-            continue;
-        }
-        total -= cost;
-        for &i in &l.entries {
-            doomed[i] = true;
+        match item {
+            Item::Layer(blob, l) => {
+                let cost = survey.cost(blob);
+                if cost == 0 || !l.removable {
+                    continue;
+                }
+                total -= cost;
+                for &i in &l.entries {
+                    doomed[i] = true;
+                }
+            }
+            Item::RunCache(c) => {
+                if !candidate(c.last_used) {
+                    continue;
+                }
+                total -= c.bytes;
+                run_caches.insert(c.dir.clone());
+            }
         }
     }
-    doomed
+    (doomed, run_caches)
 }
 
 /// What an unfinished prune had decided to delete, kept until it is done so that a prune
@@ -753,7 +826,13 @@ mod tests {
             blob_sizes: sizes.iter().map(|(n, s)| (blob(n), *s)).collect(),
             kept_by_images: shared.iter().map(|n| blob(n)).collect(),
             image_snapshots: HashSet::new(),
+            run_caches: Vec::new(),
         }
+    }
+
+    /// The entries `select` dooms.
+    fn doomed(s: &Survey, policy: &PrunePolicy, now: SystemTime) -> Vec<bool> {
+        select(s, policy, now).0
     }
 
     fn now(hours: u64) -> SystemTime {
@@ -770,19 +849,53 @@ mod tests {
         );
         let keep = |bytes| PrunePolicy { keep_bytes: Some(bytes), ..PrunePolicy::default() };
         // Reclaimable: a 100 + b 10 + d 50 = 160. Under budget: nothing goes.
-        assert_eq!(select(&s, &keep(160), now(6)), [false; 5]);
+        assert_eq!(doomed(&s, &keep(160), now(6)), [false; 5]);
         // b (last used at 1) goes first, even though it is the smallest.
-        assert_eq!(select(&s, &keep(155), now(6)), [false, false, true, false, false]);
+        assert_eq!(doomed(&s, &keep(155), now(6)), [false, false, true, false, false]);
         // Then d (3), then a (5, through its newer entry: both of its entries go).
-        assert_eq!(select(&s, &keep(100), now(6)), [false, false, true, false, true]);
-        assert_eq!(select(&s, &keep(0), now(6)), [true, true, true, false, true]);
+        assert_eq!(doomed(&s, &keep(100), now(6)), [false, false, true, false, true]);
+        assert_eq!(doomed(&s, &keep(0), now(6)), [true, true, true, false, true]);
         // With --older-than, only layers all of whose entries are old enough can go.
         let both = PrunePolicy {
             keep_bytes: Some(0),
             older_than: Some(Duration::from_secs(2 * H)),
             all: false,
         };
-        assert_eq!(select(&s, &both, now(6)), [false, false, true, false, true]);
+        assert_eq!(doomed(&s, &both, now(6)), [false, false, true, false, true]);
+    }
+
+    #[test]
+    fn a_budget_takes_run_caches_and_layers_in_one_least_recently_used_order() {
+        let mut s = survey(&[("a", 2), ("b", 4)], &[("a", 100), ("b", 100)], &[]);
+        let cache = |name: &str, hours: u64, bytes: u64| RunCacheUse {
+            dir: PathBuf::from(name),
+            last_used: now(hours),
+            bytes,
+        };
+        // Total 100 + 100 + 300 + 50 = 550.
+        s.run_caches = vec![cache("apt", 1, 300), cache("npm", 3, 50)];
+        let keep = |bytes| PrunePolicy { keep_bytes: Some(bytes), ..PrunePolicy::default() };
+        let caches = |set: BTreeSet<PathBuf>| -> Vec<String> {
+            set.iter().map(|p| p.display().to_string()).collect()
+        };
+        assert_eq!(select(&s, &keep(550), now(5)), (vec![false, false], BTreeSet::new()));
+        // apt (1) is the oldest, though the largest: it alone goes.
+        let (entries, gone) = select(&s, &keep(250), now(5));
+        assert_eq!((entries, caches(gone)), (vec![false, false], vec!["apt".to_string()]));
+        // Then a (2), then npm (3), then b (4).
+        let (entries, gone) = select(&s, &keep(100), now(5));
+        assert_eq!(
+            (entries, caches(gone)),
+            (vec![true, false], vec!["apt".to_string(), "npm".to_string()])
+        );
+        // With --older-than 3h, npm (used 2 hours ago) and b stay, though over the budget.
+        let both = PrunePolicy {
+            keep_bytes: Some(100),
+            older_than: Some(Duration::from_secs(3 * H)),
+            all: false,
+        };
+        let (entries, gone) = select(&s, &both, now(5));
+        assert_eq!((entries, caches(gone)), (vec![true, false], vec!["apt".to_string()]));
     }
 
     #[test]
@@ -793,13 +906,13 @@ mod tests {
             older_than: Some(Duration::from_secs(h * H)),
             ..PrunePolicy::default()
         };
-        assert_eq!(select(&s, &older(10), now(11)), [true, false, true, true]);
-        assert_eq!(select(&s, &older(12), now(11)), [false, false, true, true]);
-        assert_eq!(select(&s, &older(0), now(11)), [true; 4]);
+        assert_eq!(doomed(&s, &older(10), now(11)), [true, false, true, true]);
+        assert_eq!(doomed(&s, &older(12), now(11)), [false, false, true, true]);
+        assert_eq!(doomed(&s, &older(0), now(11)), [true; 4]);
         // A use in the clock's future is recent.
-        assert_eq!(select(&s, &older(1), now(5)), [true, false, true, true]);
-        assert_eq!(select(&s, &PrunePolicy::default(), now(11)), [false, false, true, true]);
+        assert_eq!(doomed(&s, &older(1), now(5)), [true, false, true, true]);
+        assert_eq!(doomed(&s, &PrunePolicy::default(), now(11)), [false, false, true, true]);
         let all = PrunePolicy { all: true, ..PrunePolicy::default() };
-        assert_eq!(select(&s, &all, now(0)), [true; 4]);
+        assert_eq!(doomed(&s, &all, now(0)), [true; 4]);
     }
 }
