@@ -800,18 +800,35 @@ fn a_build_keeps_the_cache_within_its_budget_at_most_hourly_and_never_waits() {
     const BUDGET: &str = "FERRY_CACHE_KEEP_BYTES";
     let w = one_layer_app();
     let (a, b) = (common::noise(40_000, 1), common::noise(20_000, 2));
+    // A prune that waited for the store would hang the build: each gets two minutes.
     let build = |now: u64, budget: &str| {
-        let out = w.ferry(now).env(BUDGET, budget).arg("build").output().unwrap();
+        let mut child = w
+            .ferry(now)
+            .env(BUDGET, budget)
+            .arg("build")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("the build at {now} with budget {budget} waited for the store");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(out.status.success(), "{err}");
         err
     };
     w.write("app/data", &a);
-    w.build(T0, &[]);
+    build(T0, "10GB");
     let layer_a = fixture::layer_digests(&w.store, "app")[0].clone();
     w.write("app/data", &b);
     // Over a one-byte budget now that A is only in the cache, but a build at T0 stamped the
-    // store (the default budget, a tenth of the disk, removed nothing): not before an hour.
+    // store (its 10GB budget removed nothing): not before an hour.
     let err = build(T0 + 1800, "1");
     assert!(!err.contains("build cache over"), "{err}");
     assert!(has_blob(&w.store, &layer_a));
@@ -819,14 +836,14 @@ fn a_build_keeps_the_cache_within_its_budget_at_most_hourly_and_never_waits() {
 
     // An hour on, a build (a no-op) prunes: A goes, B (tagged) stays.
     let err = build(T0 + 2 * HOUR, "1");
-    assert!(err.contains("build cache over 1B: pruned 1 entry"), "{err}");
+    assert!(err.contains("build cache over 1B: pruned 1 entry and 0 RUN caches"), "{err}");
     assert!(!has_blob(&w.store, &layer_a));
     assert!(has_blob(&w.store, &layer_b));
     w.verify();
 
-    // `off` never prunes.
+    // `off` (any case) never prunes.
     w.write("app/data", &a);
-    build(T0 + 4 * HOUR, "off");
+    build(T0 + 4 * HOUR, "OFF");
     w.write("app/data", &b);
     let err = build(T0 + 6 * HOUR, "off");
     assert!(!err.contains("build cache over"), "{err}");

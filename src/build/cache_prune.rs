@@ -161,8 +161,12 @@ impl Survey {
     /// Add the RUN caches (their sizes are a walk of each: only a budget needs them).
     fn with_run_caches(mut self, store: &Store) -> Result<Survey> {
         for dir in run_caches(store)? {
-            let last_used = run_cache_last_use(&dir).unwrap_or(SystemTime::UNIX_EPOCH);
-            let bytes = disk_usage(&dir)?;
+            // One that cannot be read is left to `--all`, as `--older-than` leaves it; it
+            // does not stop the prune of everything else.
+            let (Ok(last_used), Ok(bytes)) = (run_cache_last_use(&dir), disk_usage(&dir)) else {
+                tracing::warn!("cannot measure RUN cache {}; not counted", dir.display());
+                continue;
+            };
             self.run_caches.push(RunCacheUse { dir, last_used, bytes });
         }
         Ok(self)
@@ -321,8 +325,15 @@ fn prune_run_caches(
             }
         };
         if !dry_run {
+            // Out of sight first, under a name the sweep below (and the next prune's) takes:
+            // a prune killed half-way must not leave half a cache for the next step to mount.
+            let doomed = dir.with_file_name(format!(".new-doomed-{name}"));
+            if let Err(e) = fs::rename(&dir, &doomed) {
+                done.failed.push(format!("{name}: cannot move it aside: {e}"));
+                continue;
+            }
             // Through directories their owner made read-only, too (Go's module cache).
-            if let Err(e) = crate::store::remove_tree(&dir) {
+            if let Err(e) = crate::store::remove_tree(&doomed) {
                 done.failed.push(format!("{name}: {e}"));
                 continue;
             }
@@ -373,8 +384,8 @@ pub fn auto_keep_bytes(
     store: &Store,
     setting: Option<&str>,
 ) -> std::result::Result<Option<u64>, String> {
-    match setting.map(str::trim) {
-        Some("off") => Ok(None),
+    match setting.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(off) if off.eq_ignore_ascii_case("off") => Ok(None),
         Some(size) => {
             parse_size(size).map(Some).map_err(|e| format!("{AUTO_KEEP_BYTES_ENV}: {e}, or `off`"))
         }
@@ -397,14 +408,24 @@ pub fn auto_prune(
     kept_roots: impl FnOnce() -> Vec<Digest>,
 ) -> Result<Option<CachePruneReport>> {
     let stamp = store.state_dir("cache")?.join("auto-prune.stamp");
-    let last = fs::metadata(&stamp).and_then(|m| m.modified()).ok();
     let now = clock.now();
-    // Within the interval either way: a clock set back far enough does not stop pruning.
-    let apart = |t: SystemTime| now.duration_since(t).or_else(|e| Ok::<_, ()>(e.duration()));
-    if last.is_some_and(|t| apart(t).is_ok_and(|d| d < AUTO_PRUNE_INTERVAL)) {
+    let recent = || {
+        let last = fs::metadata(&stamp).and_then(|m| m.modified()).ok();
+        // Within the interval either way: a clock set back far enough does not stop pruning.
+        let apart = |t: SystemTime| now.duration_since(t).unwrap_or_else(|e| e.duration());
+        last.is_some_and(|t| apart(t) < AUTO_PRUNE_INTERVAL)
+    };
+    if recent() {
         return Ok(None);
     }
-    let Some(gc) = store.try_lock("gc")? else { return Ok(None) };
+    let Some(gc) = store.try_lock("gc")? else {
+        tracing::debug!("automatic prune skipped: another ferry process is using the store");
+        return Ok(None);
+    };
+    // Another process may have pruned between the look and the lock.
+    if recent() {
+        return Ok(None);
+    }
     // Stamped first: a prune that fails is not tried again after every build.
     fs::write(&stamp, b"").map_err(io_err("write", &stamp))?;
     let _ = fs::File::options().write(true).open(&stamp).and_then(|f| f.set_modified(now));
@@ -755,12 +776,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("store")).unwrap();
         assert_eq!(auto_keep_bytes(&store, Some("off")), Ok(None));
+        assert_eq!(auto_keep_bytes(&store, Some("Off")), Ok(None));
         assert_eq!(auto_keep_bytes(&store, Some(" 20GB ")), Ok(Some(20_000_000_000)));
         let err = auto_keep_bytes(&store, Some("plenty")).unwrap_err();
         assert!(err.starts_with("FERRY_CACHE_KEEP_BYTES: `plenty` is not a size"), "{err}");
         let fs = nix::sys::statvfs::statvfs(dir.path()).unwrap();
         let disk = fs.blocks() as u64 * fs.fragment_size() as u64;
         assert_eq!(auto_keep_bytes(&store, None), Ok(Some(disk / 10)));
+        // Set but empty is unset.
+        assert_eq!(auto_keep_bytes(&store, Some(" ")), Ok(Some(disk / 10)));
         assert!(disk > 0);
     }
 

@@ -205,15 +205,25 @@ pub(super) fn auto_prune(store: &ferry::store::Store, printer: &Printer) {
     };
     let roots = || super::prune::variant_roots(store);
     match cache_prune::auto_prune(store, keep, Clock::from_env(), roots) {
-        Ok(Some(r)) if r.entries_removed > 0 || r.reclaimed_bytes > 0 => printer.status(&format!(
-            "build cache over {}: pruned {} entr{} least recently used, {} freed ({} sets the budget)",
-            human_size(keep),
-            r.entries_removed,
-            if r.entries_removed == 1 { "y" } else { "ies" },
-            human_size(r.reclaimed_bytes),
-            cache_prune::AUTO_KEEP_BYTES_ENV
-        )),
-        Ok(_) => {}
+        Ok(Some(r)) => {
+            for failed in &r.failed_run_caches {
+                printer.warn(&format!("RUN cache not removed: {failed}"));
+            }
+            if r.reclaimed_bytes == 0 {
+                return;
+            }
+            let runs = r.removed_run_caches.len();
+            printer.status(&format!(
+                "build cache over {}: pruned {} entr{} and {runs} RUN cache{} least recently used, {} freed ({} sets the budget)",
+                human_size(keep),
+                r.entries_removed,
+                if r.entries_removed == 1 { "y" } else { "ies" },
+                if runs == 1 { "" } else { "s" },
+                human_size(r.reclaimed_bytes),
+                cache_prune::AUTO_KEEP_BYTES_ENV
+            ))
+        }
+        Ok(None) => {}
         Err(e) => printer.warn(&format!("automatic build cache prune: {e}")),
     }
 }
