@@ -30,13 +30,14 @@ pub enum CacheCommand {
 /// guessed could throw away hours of builds.
 #[derive(Args, Debug)]
 pub struct CachePruneArgs {
-    /// Remove least recently used entries until the layers only the cache keeps take at
-    /// most N bytes (500MB, 10GB, 2GiB); layers images also use cost nothing.
+    /// Remove least recently used entries and RUN caches (`--mount=type=cache`) until the
+    /// layers only the cache keeps and the RUN caches take at most N bytes (500MB, 10GB,
+    /// 2GiB); layers images also use cost nothing.
     #[arg(long, value_name = "N", value_parser = parse_size)]
     pub keep_bytes: Option<u64>,
     /// Remove entries unused for at least DURATION (72h, 7d, 2w); with --keep-bytes, only
-    /// such entries, and only as many as the budget needs. Alone, also the RUN caches
-    /// (`--mount=type=cache`) no step used for that long.
+    /// such entries and RUN caches, and only as many as the budget needs. Alone, also the
+    /// RUN caches no step used for that long.
     #[arg(long, value_name = "DURATION", value_parser = parse_age)]
     pub older_than: Option<Duration>,
     /// Remove every entry (the next build is cold, with the same digests) and every RUN
@@ -93,7 +94,7 @@ fn stats(global: &GlobalArgs, printer: &Printer) -> CliResult {
         human_size(s.reclaimable_snapshot_bytes)
     ));
     out.push_str(&format!(
-        "RUN caches:     {}, {} (--mount=type=cache; prune --all or --older-than removes them)\n",
+        "RUN caches:     {}, {} (--mount=type=cache; prune --all, --older-than or --keep-bytes removes them)\n",
         s.run_caches,
         human_size(s.run_cache_bytes)
     ));
