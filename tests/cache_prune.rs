@@ -108,6 +108,18 @@ fn abc() -> Work {
     ])
 }
 
+/// `bb`, a busybox base, and `app` on it, built from `dockerfile`.
+fn busybox_app(dockerfile: &str) -> Work {
+    Work::new(&[
+        (
+            "images.toml",
+            "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.app]\ncontext = \"app\"\n",
+        ),
+        ("bb/Dockerfile", fixture::BUSYBOX_BASE),
+        ("app/Dockerfile", dockerfile),
+    ])
+}
+
 /// One image, `app`, whose single layer is the file `data`.
 fn one_layer_app() -> Work {
     Work::new(&[
@@ -733,18 +745,10 @@ fn a_prune_killed_anywhere_leaves_a_store_that_verifies_and_builds() {
 
 #[test]
 fn run_caches_are_counted_and_removed_by_all_or_when_unused() {
-    let work = Work::new(&[
-        (
-            "images.toml",
-            "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.app]\ncontext = \"app\"\n",
-        ),
-        ("bb/Dockerfile", fixture::BUSYBOX_BASE),
-        (
-            "app/Dockerfile",
-            "FROM bb\nARG RUN=1\nRUN --mount=type=cache,target=/c,id=pkgs \
-             head -c 100000 /dev/zero > /c/blob-$RUN && ls /c | wc -l > /seen\n",
-        ),
-    ]);
+    let work = busybox_app(
+        "FROM bb\nARG RUN=1\nRUN --mount=type=cache,target=/c,id=pkgs \
+         head -c 100000 /dev/zero > /c/blob-$RUN && ls /c | wc -l > /seen\n",
+    );
     work.build(T0, &[]);
     let mounts = work.store.join("mounts");
     let caches: Vec<PathBuf> = std::fs::read_dir(&mounts)
@@ -869,18 +873,10 @@ fn a_build_keeps_the_cache_within_its_budget_at_most_hourly_and_never_waits() {
 
 #[test]
 fn keep_bytes_takes_run_caches_and_layers_least_recently_used_first() {
-    let work = Work::new(&[
-        (
-            "images.toml",
-            "[project]\nname = \"t\"\n\n[images.bb]\ncontext = \"bb\"\n\n[images.app]\ncontext = \"app\"\n",
-        ),
-        ("bb/Dockerfile", fixture::BUSYBOX_BASE),
-        (
-            "app/Dockerfile",
-            "FROM bb\nARG A=1\nRUN --mount=type=cache,target=/c,id=old head -c 100000 /dev/zero > /c/f-$A\n\
-             ARG B=1\nRUN --mount=type=cache,target=/c,id=new head -c 200000 /dev/zero > /c/f-$B\n",
-        ),
-    ]);
+    let work = busybox_app(
+        "FROM bb\nARG A=1\nRUN --mount=type=cache,target=/c,id=old head -c 100000 /dev/zero > /c/f-$A\n\
+          ARG B=1\nRUN --mount=type=cache,target=/c,id=new head -c 200000 /dev/zero > /c/f-$B\n",
+    );
     work.build(T0, &[]);
     // A day later only the second step runs: the `new` cache is used, `old` is not.
     work.build(T0 + DAY, &["--arg", "B=2"]);
