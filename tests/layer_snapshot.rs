@@ -162,6 +162,13 @@ fn a_snapshot_made_before_a_reboot_and_maybe_not_on_disk_is_extracted_again() {
     let id = snapshot_id(&p.diff_id);
     let dir = ensure_snapshot(&snaps, &tmp, &id, || Ok(&blob[..])).unwrap();
     let marker = snaps.join(format!("{id}.unsynced"));
+    // The first extraction's background sync removes its marker when done; tampering before
+    // that would race it (it could remove the marker this test writes next).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while marker.exists() {
+        assert!(std::time::Instant::now() < deadline, "the background sync never finished");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 
     // Marked by another boot (a crash may have lost its data): torn content is replaced.
     fs::write(&marker, "another-boot").unwrap();
