@@ -111,12 +111,13 @@ fn apply_inner(
         Kind::Workdir(dir) => {
             let dir = word(dir)?;
             let current = config.working_dir.clone().unwrap_or_else(|| "/".to_string());
-            let joined = if dir.starts_with('/') {
+            // As BuildKit: an absolute WORKDIR is recorded as written, a relative one is
+            // joined to the current one and cleaned.
+            config.working_dir = Some(if dir.starts_with('/') {
                 dir.clone()
             } else {
-                format!("{}/{dir}", current.trim_end_matches('/'))
-            };
-            config.working_dir = Some(clean_path(&joined));
+                clean_path(&format!("{}/{dir}", current.trim_end_matches('/')))
+            });
             format!("WORKDIR {dir}")
         }
         Kind::User(user) => {

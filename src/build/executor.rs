@@ -44,6 +44,8 @@ pub struct BuiltImage {
     pub config: ImageConfig,
     pub layers: Vec<Descriptor>,
     pub repository: String,
+    /// The images.toml version: a child's `base.name` annotation is `<repository>:<version>`.
+    pub version: Option<String>,
     pub steps: Vec<StepReport>,
 }
 
@@ -319,6 +321,7 @@ impl Executor<'_> {
         StageState {
             config: ContainerConfig {
                 env: vec![format!("PATH={}", DEFAULT_PATH)],
+                working_dir: Some("/".into()),
                 ..Default::default()
             },
             author: None,
@@ -333,7 +336,7 @@ impl Executor<'_> {
 
     fn state_of_built(&self, built: &BuiltImage) -> StageState {
         StageState {
-            config: built.config.config.clone().unwrap_or_default(),
+            config: stage_start_config(built.config.config.clone().unwrap_or_default()),
             author: built.config.author.clone(),
             layers: built.layers.clone(),
             diff_ids: built.config.rootfs.diff_ids.clone(),
@@ -341,8 +344,7 @@ impl Executor<'_> {
             key: CacheKey::image(&built.manifest.digest),
             args: Vars::new(),
             base: Some(BaseImage {
-                name: match built.config.config.as_ref().and_then(|c| c.labels.get(labels::VERSION))
-                {
+                name: match &built.version {
                     Some(v) => format!("{}:{v}", built.repository),
                     None => built.repository.clone(),
                 },
@@ -372,7 +374,7 @@ impl Executor<'_> {
             .image_for_platform(&descriptor, &crate::oci::Platform::host())
             .map_err(|e| err(format!("base image `{reference}`: {e}")))?;
         Ok(StageState {
-            config: img.config.config.clone().unwrap_or_default(),
+            config: stage_start_config(img.config.config.clone().unwrap_or_default()),
             author: img.config.author.clone(),
             layers: img.manifest.layers.clone(),
             diff_ids: img.config.rootfs.diff_ids.clone(),
@@ -1389,9 +1391,26 @@ impl Executor<'_> {
             config,
             layers: state.layers,
             repository: image.repository.clone(),
+            version: image.version.as_ref().map(ToString::to_string),
             steps,
         })
     }
+}
+
+/// A stage's config as BuildKit starts it from its base's: a base without PATH (a
+/// `docker import`ed tree, a hand-made config) gets the default PATH, in the build and in
+/// the image; an empty WorkingDir means `/` and an empty User root, so they count as unset.
+fn stage_start_config(mut config: ContainerConfig) -> ContainerConfig {
+    if !config.env.iter().any(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) == "PATH") {
+        config.env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+    if config.working_dir.as_deref() == Some("") {
+        config.working_dir = None;
+    }
+    if config.user.as_deref() == Some("") {
+        config.user = None;
+    }
+    config
 }
 
 /// The error of one instruction: `file:line: message`.

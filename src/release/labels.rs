@@ -1,6 +1,7 @@
-//! The OCI annotations every built image carries, in its config labels and its manifest
-//! annotations: `org.opencontainers.image.{version,revision,created,source,title}` and
-//! `org.opencontainers.image.base.{name,digest}`.
+//! The OCI annotations every built image carries in its manifest:
+//! `org.opencontainers.image.{version,revision,created,source,title}` and
+//! `org.opencontainers.image.base.{name,digest}`. Not in its config labels: docker puts no
+//! label of its own there, and ferry builds what docker builds.
 //!
 //! They are part of the image, so they change its digest; they are chosen so that the
 //! digest still depends only on the image's inputs:
@@ -11,9 +12,8 @@
 //!
 //! Precedence: images.toml `labels` win over everything; then the values ferry knows
 //! (version, revision, created, base.*); `title` and `source` only fill a gap, so a
-//! Dockerfile `LABEL org.opencontainers.image.title=...` stays. A value merely inherited
-//! from the parent image (equal to the parent's) is not this image's: it is replaced or,
-//! for version and revision when this image has none, removed.
+//! Dockerfile `LABEL org.opencontainers.image.title=...` is the title. A label merely
+//! inherited from the parent image (equal to the parent's) is not this image's.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -95,8 +95,11 @@ fn strip_credentials(url: &str) -> String {
     }
 }
 
-/// Apply the standard labels to `labels` (the config's, after the Dockerfile and images.toml
-/// labels); returns the manifest annotations.
+/// The manifest annotations of an image, after the images.toml labels are applied to
+/// `labels` (the config's, after the Dockerfile's). The config gets only the labels someone
+/// asked for (the Dockerfile's `LABEL`, images.toml's `labels`, as `docker build --label`):
+/// docker adds none of its own, and an image that differs from docker's by its labels is
+/// another image.
 pub fn apply(
     labels: &mut BTreeMap<String, String>,
     image: &Image,
@@ -104,45 +107,30 @@ pub fn apply(
     base: Option<&BaseImage>,
     provenance: &Provenance,
 ) -> BTreeMap<String, String> {
-    let inherited = |labels: &BTreeMap<String, String>, key: &str| match (labels.get(key), base) {
-        (Some(v), Some(b)) => b.labels.get(key) == Some(v),
-        _ => false,
-    };
-    let set_or_drop =
-        |labels: &mut BTreeMap<String, String>, key: &str, value: Option<String>| match value {
-            Some(v) => {
-                labels.insert(key.to_string(), v);
-            }
-            None if inherited(labels, key) => {
-                labels.remove(key);
-            }
-            None => {}
-        };
-    set_or_drop(labels, VERSION, image.version.as_ref().map(ToString::to_string));
-    set_or_drop(labels, REVISION, provenance.revision.clone());
-    labels.insert(CREATED.to_string(), created.to_string());
-    match base {
-        Some(b) => {
-            labels.insert(BASE_NAME.to_string(), b.name.clone());
-            labels.insert(BASE_DIGEST.to_string(), b.digest.to_string());
-        }
-        None => {
-            labels.remove(BASE_NAME);
-            labels.remove(BASE_DIGEST);
-        }
-    }
-    if !labels.contains_key(TITLE) || inherited(labels, TITLE) {
-        labels.insert(TITLE.to_string(), image.name.clone());
-    }
-    if !labels.contains_key(SOURCE) {
-        if let Some(s) = &provenance.source {
-            labels.insert(SOURCE.to_string(), s.clone());
-        }
-    }
     for (k, v) in &image.labels {
         labels.insert(k.clone(), v.clone());
     }
-    KEYS.iter().filter_map(|k| labels.get(*k).map(|v| (k.to_string(), v.clone()))).collect()
+    // A value merely inherited from the parent (equal to the parent's) is not this image's.
+    let own = |key: &str| -> Option<String> {
+        let value = labels.get(key)?;
+        let inherited = base.is_some_and(|b| b.labels.get(key) == Some(value));
+        (!inherited || image.labels.contains_key(key)).then(|| value.clone())
+    };
+    let mut annotations = BTreeMap::new();
+    let mut set = |key: &str, value: Option<String>| {
+        if let Some(v) = value {
+            annotations.insert(key.to_string(), v);
+        }
+    };
+    let asked = |key: &str| image.labels.get(key).cloned();
+    set(VERSION, asked(VERSION).or_else(|| image.version.as_ref().map(ToString::to_string)));
+    set(REVISION, asked(REVISION).or_else(|| provenance.revision.clone()));
+    set(CREATED, asked(CREATED).or_else(|| Some(created.to_string())));
+    set(BASE_NAME, asked(BASE_NAME).or_else(|| base.map(|b| b.name.clone())));
+    set(BASE_DIGEST, asked(BASE_DIGEST).or_else(|| base.map(|b| b.digest.to_string())));
+    set(TITLE, own(TITLE).or_else(|| Some(image.name.clone())));
+    set(SOURCE, own(SOURCE).or_else(|| provenance.source.clone()));
+    annotations
 }
 
 #[cfg(test)]
@@ -172,45 +160,41 @@ mod tests {
     }
 
     #[test]
-    fn inherited_values_are_replaced_and_own_ones_kept() {
+    fn annotations_name_this_image_and_the_config_keeps_only_asked_labels() {
         let base = BaseImage {
             name: "acme/base:1.0.0".into(),
             digest: Digest::of(b"base"),
-            labels: map(&[
-                (VERSION, "1.0.0"),
-                (TITLE, "base"),
-                (REVISION, "r1"),
-                ("vendor", "Acme"),
-            ]),
+            labels: map(&[(TITLE, "base"), ("vendor", "Acme")]),
         };
         // Inherited from the parent, as a child's config starts.
         let mut labels = base.labels.clone();
         let prov = Provenance { revision: None, source: Some("https://git.example/acme".into()) };
         let ann =
             apply(&mut labels, &image("app", None), "2026-01-01T00:00:00Z", Some(&base), &prov);
-        assert_eq!(labels.get(VERSION), None, "the parent's version is not the child's");
-        assert_eq!(labels.get(REVISION), None);
-        assert_eq!(labels[TITLE], "app");
-        assert_eq!(labels["vendor"], "Acme");
-        assert_eq!(labels[BASE_NAME], "acme/base:1.0.0");
-        assert_eq!(labels[BASE_DIGEST], Digest::of(b"base").to_string());
-        assert_eq!(labels[SOURCE], "https://git.example/acme");
-        assert_eq!(labels[CREATED], "2026-01-01T00:00:00Z");
+        assert_eq!(labels, base.labels, "no label of ferry's own in the config");
+        assert_eq!(ann.get(VERSION), None);
+        assert_eq!(ann.get(REVISION), None);
+        assert_eq!(ann[TITLE], "app", "the parent's title is not the child's");
+        assert_eq!(ann[BASE_NAME], "acme/base:1.0.0");
+        assert_eq!(ann[BASE_DIGEST], Digest::of(b"base").to_string());
+        assert_eq!(ann[SOURCE], "https://git.example/acme");
+        assert_eq!(ann[CREATED], "2026-01-01T00:00:00Z");
         assert!(!ann.contains_key("vendor"));
         assert_eq!(ann.len(), 5);
 
-        // A title the Dockerfile set stays; images.toml wins over everything.
+        // A title the Dockerfile set is the title; images.toml wins over everything and
+        // its labels are in the config.
         let mut labels = map(&[(TITLE, "acme api")]);
         let mut img = image("api", Some("2.0.0"));
         img.labels = map(&[(SOURCE, "https://example.com/acme")]);
         let prov = Provenance { revision: Some("abc".into()), source: Some("x".into()) };
         let ann = apply(&mut labels, &img, "t", None, &prov);
-        assert_eq!(labels[TITLE], "acme api");
-        assert_eq!(labels[VERSION], "2.0.0");
-        assert_eq!(labels[REVISION], "abc");
-        assert_eq!(labels[SOURCE], "https://example.com/acme");
-        assert!(!labels.contains_key(BASE_NAME));
-        assert_eq!(ann, labels);
+        assert_eq!(labels, map(&[(TITLE, "acme api"), (SOURCE, "https://example.com/acme")]));
+        assert_eq!(ann[TITLE], "acme api");
+        assert_eq!(ann[VERSION], "2.0.0");
+        assert_eq!(ann[REVISION], "abc");
+        assert_eq!(ann[SOURCE], "https://example.com/acme");
+        assert!(!ann.contains_key(BASE_NAME));
     }
 
     #[test]
