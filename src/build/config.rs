@@ -2,6 +2,7 @@
 //! VOLUME, CMD, ENTRYPOINT, SHELL, STOPSIGNAL, HEALTHCHECK, ONBUILD, MAINTAINER), applied as
 //! docker applies them, and ARG scoping.
 
+use super::history;
 use std::collections::BTreeMap;
 
 use crate::dockerfile::expand::{ExpandError, Lexer, Vars};
@@ -48,7 +49,8 @@ pub enum ConfigError {
 
 /// What a metadata instruction did, for the history entry.
 pub struct Applied {
-    pub created_by: String,
+    /// The history entry's text; None for an instruction BuildKit records none of.
+    pub created_by: Option<String>,
 }
 
 /// Per-stage state that is not part of the config: whether CMD was set in this stage (an
@@ -154,7 +156,7 @@ fn apply_inner(
             let argv = command_argv(cmd, &config.shell);
             config.cmd = Some(argv.clone());
             flags.cmd_set = true;
-            format!("CMD {}", show_argv(&argv))
+            format!("CMD {}", history::quoted_list(&argv))
         }
         Kind::Entrypoint(cmd) => {
             let argv = command_argv(cmd, &config.shell);
@@ -162,7 +164,7 @@ fn apply_inner(
             if !flags.cmd_set {
                 config.cmd = None;
             }
-            format!("ENTRYPOINT {}", show_argv(&argv))
+            format!("ENTRYPOINT {}", history::quoted_list(&argv))
         }
         Kind::Shell(shell) => {
             if shell.is_empty() {
@@ -171,7 +173,7 @@ fn apply_inner(
                 ));
             }
             config.shell = shell.clone();
-            format!("SHELL {}", show_argv(shell))
+            format!("SHELL {}", history::plain_list(shell))
         }
         Kind::Stopsignal(sig) => {
             let sig = word(sig)?;
@@ -195,9 +197,9 @@ fn apply_inner(
             for f in hc_flags {
                 apply_healthcheck_flag(&mut hc, f, lexer, vars)?;
             }
-            let shown = hc.test.join(" ");
+            let shown = history::healthcheck(&hc);
             config.healthcheck = Some(hc);
-            format!("HEALTHCHECK {shown}")
+            shown
         }
         Kind::Onbuild(text) => {
             let upper = text.trim_start().to_ascii_uppercase();
@@ -211,11 +213,12 @@ fn apply_inner(
                 )));
             }
             config.on_build.push(text.clone());
-            format!("ONBUILD {text}")
+            // BuildKit records no history entry for ONBUILD.
+            return Ok(Some(Applied { created_by: None }));
         }
         Kind::Arg(_) | Kind::Run { .. } | Kind::Copy { .. } | Kind::Add { .. } => return Ok(None),
     };
-    Ok(Some(Applied { created_by }))
+    Ok(Some(Applied { created_by: Some(created_by) }))
 }
 
 /// The argv of CMD, ENTRYPOINT or RUN: exec form as written (no expansion, as docker), shell
@@ -229,10 +232,6 @@ pub fn command_argv(cmd: &Command, shell: &[String]) -> Vec<String> {
             argv
         }
     }
-}
-
-fn show_argv(argv: &[String]) -> String {
-    serde_json::to_string(argv).unwrap_or_default()
 }
 
 fn apply_healthcheck_flag(

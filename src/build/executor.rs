@@ -12,6 +12,7 @@ use super::cache::{CacheIndex, CachedLayer};
 use super::cache_mount::{self, CacheMount};
 use super::config::{self, StageFlags};
 use super::download::download;
+use super::history;
 use super::key::CacheKey;
 use super::merged::{MergedView, PathKind};
 use super::rootfs;
@@ -126,6 +127,8 @@ struct StageState {
     /// a LABEL does not invalidate the RUN after it (as in BuildKit).
     key: CacheKey,
     args: Vars,
+    /// The ARG names the stage declared, in order (a RUN's history entry lists them).
+    declared_args: Vec<String>,
     /// The image the stage chain starts from, for the base.* annotations.
     base: Option<BaseImage>,
 }
@@ -330,6 +333,7 @@ impl Executor<'_> {
             history: Vec::new(),
             key: CacheKey::scratch(&self.options.platform),
             args: Vars::new(),
+            declared_args: Vec::new(),
             base: None,
         }
     }
@@ -343,6 +347,7 @@ impl Executor<'_> {
             history: built.config.history.clone(),
             key: CacheKey::image(&built.manifest.digest),
             args: Vars::new(),
+            declared_args: Vec::new(),
             base: Some(BaseImage {
                 name: match &built.version {
                     Some(v) => format!("{}:{v}", built.repository),
@@ -381,6 +386,7 @@ impl Executor<'_> {
             history: img.config.history.clone(),
             key: CacheKey::image(img.digest()),
             args: Vars::new(),
+            declared_args: Vec::new(),
             base: Some(BaseImage {
                 name: reference.to_string(),
                 digest: img.digest().clone(),
@@ -425,6 +431,21 @@ impl Executor<'_> {
                             .cloned()
                             .or_else(|| builtin_arg(&name, &self.options.platform)),
                     };
+                    // BuildKit's entry shows the default as written (expanded).
+                    let shown = match default {
+                        Some(d) => format!(
+                            "ARG {name}={}",
+                            lexer.expand_word(d, &vars).map_err(|e| step_err(e.to_string()))?
+                        ),
+                        None => format!("ARG {name}"),
+                    };
+                    state.history.push(History {
+                        created: Some(self.created()),
+                        created_by: Some(shown),
+                        empty_layer: true,
+                        ..Default::default()
+                    });
+                    state.declared_args.push(name.clone());
                     if let Some(v) = value {
                         state.args.insert(name, v);
                     }
@@ -440,21 +461,37 @@ impl Executor<'_> {
             | Kind::Add { flags: copy_flags, sources, dest } => {
                 let is_add = matches!(ins.kind, Kind::Add { .. });
                 let status =
-                    self.copy(ctx, state, is_add, copy_flags, sources, dest, &vars, ins, &text)?;
+                    self.copy(ctx, state, is_add, copy_flags, sources, dest, &vars, ins)?;
                 self.check_layer_count(ctx, state, ins)?;
                 status
+            }
+            Kind::Workdir(_) => {
+                let applied = config::apply(
+                    &ins.kind,
+                    lexer,
+                    &vars,
+                    &mut state.config,
+                    &mut state.author,
+                    flags,
+                )
+                .unwrap_or_else(|| Ok(config::Applied { created_by: Some(text.clone()) }))
+                .map_err(|e| step_err(e.to_string()))?;
+                let created_by = applied.created_by.unwrap_or_else(|| text.clone());
+                self.workdir(ctx, state, created_by).map_err(step_err)?
             }
             other => {
                 let applied =
                     config::apply(other, lexer, &vars, &mut state.config, &mut state.author, flags)
-                        .unwrap_or_else(|| Ok(config::Applied { created_by: text.clone() }))
+                        .unwrap_or_else(|| Ok(config::Applied { created_by: Some(text.clone()) }))
                         .map_err(|e| step_err(e.to_string()))?;
-                state.history.push(History {
-                    created: Some(self.created()),
-                    created_by: Some(applied.created_by),
-                    empty_layer: true,
-                    ..Default::default()
-                });
+                if let Some(created_by) = applied.created_by {
+                    state.history.push(History {
+                        created: Some(self.created()),
+                        created_by: Some(created_by),
+                        empty_layer: true,
+                        ..Default::default()
+                    });
+                }
                 StepStatus::Config
             }
         };
@@ -607,7 +644,6 @@ impl Executor<'_> {
         dest: &str,
         vars: &Vars,
         ins: &Instruction,
-        text: &str,
     ) -> Result<StepStatus, BuildError> {
         let df = ctx.df;
         let err = step_error(df, ins);
@@ -660,10 +696,13 @@ impl Executor<'_> {
         let mut path_sources = Vec::new();
         let mut heredocs = Vec::new();
         let mut urls = Vec::new();
+        // As the history entry shows them (BuildKit: expanded, no flags).
+        let mut shown_sources = Vec::new();
         for s in sources {
             match s {
                 Source::Path(p) => {
                     let p = lexer.expand_word(p, vars).map_err(|e| err(e.to_string()))?;
+                    shown_sources.push(p.clone());
                     if is_add && (p.starts_with("https://") || p.starts_with("http://")) {
                         urls.push(p);
                     } else if p.starts_with("https://") || p.starts_with("http://") {
@@ -673,6 +712,7 @@ impl Executor<'_> {
                     }
                 }
                 Source::HereDoc { name, doc } => {
+                    shown_sources.push(name.clone());
                     let body = if doc.expand {
                         lexer
                             .expand_word(&doc.body.replace('"', "\\\""), vars)
@@ -716,7 +756,8 @@ impl Executor<'_> {
 
         let parent_key =
             if link { CacheKey::scratch(&self.options.platform) } else { state.key.clone() };
-        let created_by = format!("{text} # ferry");
+        let created_by =
+            format!("{keyword} {} {dest}{}", shown_sources.join(" "), history::LAYER_SUFFIX);
         let chown_key = owner.map(|(u, g)| format!("{u}:{g}")).unwrap_or_default();
         let chmod_key = chmod.map(|m| format!("{m:o}")).unwrap_or_default();
 
@@ -1087,8 +1128,19 @@ impl Executor<'_> {
             .field("network", &format!("{network:?}"))
             .list("mounts", mounts.iter().map(|m| m.key.as_str()))
             .finish();
-        let created_by =
-            format!("RUN {} # ferry", serde_json::to_string(&argv).unwrap_or_default());
+        let build_args: Vec<(String, String)> = state
+            .declared_args
+            .iter()
+            .map(|name| {
+                let value = config::env_map(&state.config.env)
+                    .get(name)
+                    .or_else(|| state.args.get(name))
+                    .cloned()
+                    .unwrap_or_default();
+                (name.clone(), value)
+            })
+            .collect();
+        let created_by = history::run(&argv, &build_args);
         let lower_layers = state.layers.clone();
         let lower_diff_ids = state.diff_ids.clone();
         let stage_name =
@@ -1199,6 +1251,59 @@ impl Executor<'_> {
     /// Resolve `RUN --mount=...` values. Each mount's `key` is what the step's cache key
     /// includes: the content digest of a bind source, the target of a cache/tmpfs/secret mount
     /// (never a secret's value).
+    /// WORKDIR as BuildKit runs it: `mkdir -p` of the directory, the components it creates
+    /// owned by the stage's USER (an unknown name: root), as a layer of its own, empty when
+    /// the directory exists. `WORKDIR /` makes no layer. The key needs no file of the stage:
+    /// its parent key stands for the filesystem, /etc/passwd included.
+    fn workdir(
+        &self,
+        ctx: &StageContext<'_>,
+        state: &mut StageState,
+        created_by: String,
+    ) -> Result<StepStatus, String> {
+        let dir = state.config.working_dir.clone().unwrap_or_else(|| "/".into());
+        let path = config::clean_path(&dir);
+        if path == "/" {
+            state.history.push(History {
+                created: Some(self.created()),
+                created_by: Some(created_by),
+                empty_layer: true,
+                ..Default::default()
+            });
+            return Ok(StepStatus::Config);
+        }
+        let user = state.config.user.clone().unwrap_or_default();
+        let key = state.key.step("WORKDIR").field("path", &path).field("user", &user).finish();
+        let lower_layers = state.layers.clone();
+        let lower_diff_ids = state.diff_ids.clone();
+        let (status, _) = self
+            .layer_step(&ctx.image.name, state, key, created_by.clone(), || {
+                let err =
+                    |m: String| BuildError::Image { image: ctx.image.name.clone(), message: m };
+                let owner = if user.is_empty() {
+                    (0, 0)
+                } else {
+                    let mut read = |p: &str| rootfs::read_file(self.store, &lower_layers, p);
+                    rootfs::resolve_owner(&user, &mut read)
+                        .map_err(|e| err(e.to_string()))?
+                        .unwrap_or((0, 0))
+                };
+                let image = MergedView::open(self.store, &lower_layers, &lower_diff_ids)
+                    .map_err(|e| err(format!("reading the stage's filesystem: {e}")))?;
+                let resolved = image.resolve(&path).map_err(err)?;
+                let mut layer = CopyLayer {
+                    image: &image,
+                    owner: Some(owner),
+                    chmod: None,
+                    entries: BTreeMap::new(),
+                };
+                layer.created_dir(&resolved).map_err(err)?;
+                self.pack(layer.entries.into_values().collect(), &created_by).map_err(err)
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(status)
+    }
+
     fn run_mounts(
         &self,
         ctx: &StageContext<'_>,

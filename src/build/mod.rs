@@ -10,6 +10,7 @@ pub mod config;
 pub mod download;
 pub mod executor;
 pub mod fleet;
+pub mod history;
 pub mod key;
 pub mod merged;
 pub mod output;

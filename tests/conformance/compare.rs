@@ -89,7 +89,8 @@ fn compare_config(docker: &serde_json::Value, ferry: &serde_json::Value, diffs: 
 }
 
 /// Layer count, and per history entry whether it made a layer. The text of `created_by`
-/// is compared too: it is what `docker history` shows.
+/// is compared too (it is what `docker history` shows), less the builder's name BuildKit
+/// and ferry end a layer's entry with (`# buildkit`, `# ferry`).
 fn compare_history(docker: &Image, ferry: &Image, diffs: &mut Vec<String>) {
     if docker.layer_count != ferry.layer_count {
         diffs.push(format!("layers: docker {}, ferry {}", docker.layer_count, ferry.layer_count));
@@ -102,7 +103,7 @@ fn compare_history(docker: &Image, ferry: &Image, diffs: &mut Vec<String>) {
                     .map(|e| {
                         (
                             e["empty_layer"].as_bool().unwrap_or(false),
-                            e["created_by"].as_str().unwrap_or("").to_string(),
+                            without_builder(e["created_by"].as_str().unwrap_or("")).to_string(),
                         )
                     })
                     .collect()
@@ -125,6 +126,13 @@ fn compare_history(docker: &Image, ferry: &Image, diffs: &mut Vec<String>) {
             diffs.push(format!("history[{i}] created_by: docker {:?}, ferry {:?}", d.1, f.1));
         }
     }
+}
+
+fn without_builder(created_by: &str) -> &str {
+    created_by
+        .strip_suffix(" # buildkit")
+        .or_else(|| created_by.strip_suffix(" # ferry"))
+        .unwrap_or(created_by)
 }
 
 fn compare_trees(docker: &Image, ferry: &Image, build_start: i64, diffs: &mut Vec<String>) {
