@@ -115,11 +115,12 @@ fn apply_inner(
             let current = config.working_dir.clone().unwrap_or_else(|| "/".to_string());
             // As BuildKit: an absolute WORKDIR is recorded as written, a relative one is
             // joined to the current one and cleaned.
-            config.working_dir = Some(if dir.starts_with('/') {
+            let dir = if dir.starts_with('/') {
                 dir.clone()
             } else {
                 clean_path(&format!("{}/{dir}", current.trim_end_matches('/')))
-            });
+            };
+            config.working_dir = Some(dir.clone());
             format!("WORKDIR {dir}")
         }
         Kind::User(user) => {
@@ -128,15 +129,18 @@ fn apply_inner(
             format!("USER {user}")
         }
         Kind::Expose(ports) => {
-            let mut shown = Vec::new();
+            // BuildKit's entry is Go's `%v` of this instruction's port set: sorted keys.
+            let mut shown = std::collections::BTreeSet::new();
             for p in ports {
                 for p in lexer.expand_words(p, vars)? {
-                    let port = normalise_port(&p).map_err(ConfigError::Invalid)?;
-                    shown.push(port.clone());
-                    config.exposed_ports.insert(port, EmptyObject {});
+                    for port in expose_ports(&p).map_err(ConfigError::Invalid)? {
+                        shown.insert(port.clone());
+                        config.exposed_ports.insert(port, EmptyObject {});
+                    }
                 }
             }
-            format!("EXPOSE {}", shown.join(" "))
+            let shown: Vec<String> = shown.into_iter().map(|p| format!("{p}:{{}}")).collect();
+            format!("EXPOSE map[{}]", shown.join(" "))
         }
         Kind::Volume(paths) => {
             let mut shown = Vec::new();
@@ -154,13 +158,17 @@ fn apply_inner(
         }
         Kind::Cmd(cmd) => {
             let argv = command_argv(cmd, &config.shell);
-            config.cmd = Some(argv.clone());
+            // `CMD []` removes the command, as docker records it (no Cmd at all).
+            config.cmd = (!argv.is_empty()).then(|| argv.clone());
+            config.args_escaped = true;
             flags.cmd_set = true;
             format!("CMD {}", history::quoted_list(&argv))
         }
         Kind::Entrypoint(cmd) => {
             let argv = command_argv(cmd, &config.shell);
-            config.entrypoint = Some(argv.clone());
+            config.entrypoint = (!argv.is_empty()).then(|| argv.clone());
+            // BuildKit sets ArgsEscaped after every CMD and ENTRYPOINT.
+            config.args_escaped = true;
             if !flags.cmd_set {
                 config.cmd = None;
             }
@@ -294,6 +302,23 @@ pub fn parse_duration(s: &str) -> Option<i64> {
         rest = tail;
     }
     Some(total as i64)
+}
+
+/// The ports of one EXPOSE word: `80`, `53/udp`, a range `8000-8002/tcp` (one port each,
+/// as docker records a range).
+fn expose_ports(p: &str) -> Result<Vec<String>, String> {
+    let port = normalise_port(p)?;
+    let (number, proto) = port.split_once('/').unwrap_or((&port, "tcp"));
+    match number.split_once('-') {
+        Some((a, b)) => {
+            let (a, b): (u16, u16) = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
+            if a > b {
+                return Err(format!("invalid EXPOSE port range `{p}`"));
+            }
+            Ok((a..=b).map(|n| format!("{n}/{proto}")).collect())
+        }
+        None => Ok(vec![port.clone()]),
+    }
 }
 
 fn normalise_port(p: &str) -> Result<String, String> {

@@ -1184,6 +1184,15 @@ impl Executor<'_> {
                     .map_err(|e| io("reading /etc/passwd", &e))?
                     .map_err(|m| err(format!("USER {user}: {m}")))?
             };
+            // As docker's runtime: HOME, unless set, is the user's home in /etc/passwd, else
+            // `/`. It is not in the key: the user and the filesystem it comes from are.
+            let mut env = env.clone();
+            if !env.contains_key("HOME") {
+                let passwd = rootfs::read_file(self.store, &lower_layers, "/etc/passwd")
+                    .map_err(|e| io("reading /etc/passwd", &e))?
+                    .unwrap_or_default();
+                env.insert("HOME".into(), rootfs::home_of(&passwd, uid));
+            }
             let mut spec = RunSpec {
                 lower_dirs,
                 upper_dir: upper.clone(),
@@ -1623,6 +1632,8 @@ struct CopyLayer<'a> {
 impl CopyLayer<'_> {
     /// Create directory `path` (absolute) and its missing parents, keeping what exists.
     fn created_dir(&mut self, path: &str) -> Result<(), String> {
+        // Through the image's symlinks, as mkdir -p goes (debian's /var/run → /run).
+        let path = &self.image.resolve(path)?;
         let mut prefix = String::new();
         for component in path.split('/').filter(|c| !c.is_empty()) {
             if !prefix.is_empty() {
@@ -1656,7 +1667,17 @@ impl CopyLayer<'_> {
     }
 
     /// Write one entry whose parents exist (or are planned).
-    fn put(&mut self, entry: LayerEntry) -> Result<(), String> {
+    fn put(&mut self, mut entry: LayerEntry) -> Result<(), String> {
+        // The entry lands where its parent resolves to in the image: a copy through a
+        // symlinked directory writes into the link's target, as BuildKit's copier does.
+        let raw = strip_root(&entry.path.to_string_lossy());
+        if let Some((parent, name)) = raw.rsplit_once('/') {
+            let resolved = self.image.resolve(&format!("/{parent}"))?;
+            let joined = strip_root(&join_abs(&resolved, name));
+            if joined != raw {
+                entry.path = joined.into();
+            }
+        }
         let path = strip_root(&entry.path.to_string_lossy());
         let is_dir = entry.kind == crate::layer::EntryKind::Dir;
         match self.image.get(&path).map(|i| i.kind) {

@@ -83,7 +83,11 @@ impl MergedView {
                 store.open_blob(&desc.digest).map_err(|e| io::Error::other(e.to_string()))
             })
             .map_err(|e| format!("extracting layer {}: {e}", desc.digest))?;
-            dirs.push(dir);
+            // A layer twice in a stack (an empty layer, most often): the upper copy alone
+            // gives the same filesystem, and overlayfs refuses a lower dir given twice.
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
         }
         Ok(MergedView { layers: dirs })
     }

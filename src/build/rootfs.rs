@@ -153,6 +153,17 @@ pub fn resolve_owner(
     Ok(Ok((uid, gid)))
 }
 
+/// The home directory of `uid` in a passwd file; `/` when it has none.
+pub fn home_of(passwd: &[u8], uid: u32) -> String {
+    String::from_utf8_lossy(passwd)
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.get(2).and_then(|u| u.parse::<u32>().ok()) == Some(uid))
+        .and_then(|f| f.get(5).map(|h| h.to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".to_string())
+}
+
 /// The `:`-separated fields of the line of a passwd/group file whose name is `name`.
 fn lookup(file: &[u8], name: &str) -> Option<Vec<String>> {
     String::from_utf8_lossy(file)

@@ -166,6 +166,7 @@ impl Dockerfile {
         // (`RUN cat <<EOF > f`, several here-documents) are taken out here, their lines
         // masked as comments so that line numbers stay, and given back to the RUN whole.
         let (masked, shell_heredocs) = mask_run_heredocs(&text);
+        let masked = mask_empty_exec(&masked);
         let parsed = pd::parse(&masked).map_err(|e| {
             let span = file.line_span(e.line().max(1));
             let at = span.start + e.column().saturating_sub(1).min(span.len());
@@ -344,9 +345,13 @@ impl Converter<'_> {
 
     fn command(&self, c: &pd::Command<'_>) -> Command {
         match c {
-            pd::Command::Exec(v) => {
-                Command::Exec(v.value.iter().map(|s| s.value.to_string()).collect())
-            }
+            pd::Command::Exec(v) => Command::Exec(
+                v.value
+                    .iter()
+                    .map(|s| s.value.to_string())
+                    .filter(|w| w != EMPTY_EXEC_MARK)
+                    .collect(),
+            ),
             pd::Command::Shell(s) => Command::Shell(self.join_continuations(s.value)),
             // The parser's enums are non-exhaustive; the pinned version has no other forms.
             _ => Command::Exec(Vec::new()),
@@ -550,6 +555,29 @@ impl Converter<'_> {
         let end = end.max(start);
         Ok(Instruction { line: self.line(start), span: start..end, kind })
     }
+}
+
+/// What stands for an empty exec form (`ENTRYPOINT []`, which docker takes to reset the
+/// entrypoint) while the parser, which refuses it, reads the Dockerfile.
+const EMPTY_EXEC_MARK: &str = "\u{1}ferry-empty-exec";
+
+/// `ENTRYPOINT []` / `CMD []` lines with the empty list replaced by [`EMPTY_EXEC_MARK`];
+/// byte offsets after it move, line numbers do not.
+fn mask_empty_exec(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let empty = matches!(words.as_slice(), [kw, "[]"] | [kw, "[", "]"]
+            if kw.eq_ignore_ascii_case("ENTRYPOINT") || kw.eq_ignore_ascii_case("CMD"));
+        if empty {
+            let kw = words[0];
+            let end = if line.ends_with('\n') { "\n" } else { "" };
+            out.push_str(&format!("{kw} [\"{EMPTY_EXEC_MARK}\"]{end}"));
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 fn command_end(c: &pd::Command<'_>) -> usize {

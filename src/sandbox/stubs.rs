@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 
 use super::OverlayXattrs;
 
+/// The mount points docker's runtime (runc) creates in a rootfs that lacks them; BuildKit
+/// keeps them in the RUN's layer, 0755 and empty, so a ferry layer has them too.
+const RUNTIME_MOUNT_POINTS: [&str; 3] = ["dev", "proc", "sys"];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct EntryState {
     ino: u64,
@@ -79,6 +83,11 @@ impl SetupResidue {
             if EntryState::of(&meta) != *recorded {
                 continue;
             }
+            if RUNTIME_MOUNT_POINTS.iter().any(|m| relative.as_os_str() == *m) && meta.is_dir() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+                continue;
+            }
             if meta.is_dir() {
                 if !xattrs.is_opaque_dir(&path)? {
                     untouched.push((path, true));
@@ -135,6 +144,15 @@ mod tests {
 
         residue.remove(u, OverlayXattrs::User).unwrap();
         assert_eq!(tree(u), vec!["etc", "etc/motd", "proc", "tmp", "tmp/new"]);
+
+        // An untouched /proc mount point stays, as docker's runtime leaves it.
+        let upper = tempfile::tempdir().unwrap();
+        let u = upper.path();
+        std::fs::create_dir_all(u.join("proc")).unwrap();
+        std::fs::create_dir_all(u.join("mnt/cache")).unwrap();
+        let residue = SetupResidue::record(u).unwrap();
+        residue.remove(u, OverlayXattrs::User).unwrap();
+        assert_eq!(tree(u), vec!["proc"]);
     }
 
     #[test]

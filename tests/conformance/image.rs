@@ -119,22 +119,25 @@ pub fn read_archive(path: &Path) -> Result<Image, String> {
 
     let mut layers: Vec<Option<Arc<Vec<LayerEntry>>>> =
         diff_ids.iter().map(|d| layer_memo().lock().unwrap().get(d).cloned()).collect();
-    let wanted: BTreeMap<&str, usize> = layer_names
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| layers[*i].is_none())
-        .map(|(i, n)| (n.as_str(), i))
-        .collect();
+    // A layer may be listed twice (an empty layer): every index of a name is filled.
+    let mut wanted: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, n) in layer_names.iter().enumerate() {
+        if layers[i].is_none() {
+            wanted.entry(n.as_str()).or_default().push(i);
+        }
+    }
     if !wanted.is_empty() {
         let mut archive = tar::Archive::new(std::fs::File::open(path).map_err(err)?);
         for entry in archive.entries().map_err(err)? {
             let entry = entry.map_err(err)?;
             let name = entry_name(&entry);
-            if let Some(&i) = wanted.get(name.as_str()) {
+            if let Some(indexes) = wanted.get(name.as_str()) {
                 let entries = read_layer(entry).map_err(|e| format!("layer {name}: {e}"))?;
                 let entries = Arc::new(entries);
-                layer_memo().lock().unwrap().insert(diff_ids[i].clone(), entries.clone());
-                layers[i] = Some(entries);
+                for &i in indexes {
+                    layer_memo().lock().unwrap().insert(diff_ids[i].clone(), entries.clone());
+                    layers[i] = Some(entries.clone());
+                }
             }
         }
     }
