@@ -495,7 +495,17 @@ pub fn global_arg_values(
     args: &BTreeMap<String, String>,
 ) -> Result<Vars, DockerfileError> {
     let lexer = Lexer { escape: dockerfile.escape };
-    let mut vars = Vars::new();
+    // BuildKit's automatic platform ARGs are in the global scope, declared or not, so a
+    // FROM may use them (`FROM base-$TARGETARCH`); a stage still declares them to see them.
+    let host = crate::oci::Platform::host();
+    let platform = format!("{}/{}", host.os, host.architecture);
+    let mut vars: Vars = ["TARGETPLATFORM", "TARGETOS", "TARGETARCH", "TARGETVARIANT"]
+        .iter()
+        .chain(&["BUILDPLATFORM", "BUILDOS", "BUILDARCH", "BUILDVARIANT"])
+        .filter_map(|n| {
+            crate::build::executor::builtin_arg(n, &platform).map(|v| (n.to_string(), v))
+        })
+        .collect();
     for ins in &dockerfile.global_args {
         let Kind::Arg(words) = &ins.kind else { continue };
         for w in words {

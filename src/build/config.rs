@@ -266,7 +266,12 @@ fn apply_healthcheck_flag(
         "retries" => {
             hc.retries = value.parse().map_err(|_| {
                 ConfigError::Invalid(format!("HEALTHCHECK --retries: `{value}` is not a number"))
-            })?
+            })?;
+            if hc.retries < 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "HEALTHCHECK --retries must not be negative (not {value})"
+                )));
+            }
         }
         other => return Err(ConfigError::Invalid(format!("HEALTHCHECK does not take --{other}"))),
     }
@@ -338,9 +343,23 @@ fn normalise_port(p: &str) -> Result<String, String> {
     Ok(format!("{port}/{proto}"))
 }
 
+/// A signal as docker's `signal.ParseSignal` takes it: a number, or a Linux signal name
+/// with or without `SIG` (`SIGRTMIN+3` too).
 fn valid_signal(s: &str) -> bool {
-    s.parse::<u32>().is_ok()
-        || (s.len() > 3 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-'))
+    const NAMES: &[&str] = &[
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
+        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
+        "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ",
+        "RTMIN", "RTMAX", "UNUSED",
+    ];
+    if s.parse::<u32>().is_ok_and(|n| n > 0) {
+        return true;
+    }
+    let name = s.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let base = name.split(['+', '-']).next().unwrap_or_default();
+    NAMES.contains(&base)
+        && (base == name || name[base.len() + 1..].parse::<u32>().is_ok_and(|n| n <= 15))
 }
 
 /// Lexical path cleaning (Go's path.Clean) for absolute image paths.

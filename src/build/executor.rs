@@ -1551,7 +1551,7 @@ fn push_layer(
 }
 
 /// The values docker gives the automatic platform ARGs when a stage declares them.
-fn builtin_arg(name: &str, platform: &str) -> Option<String> {
+pub fn builtin_arg(name: &str, platform: &str) -> Option<String> {
     let (os, arch) = platform.split_once('/').unwrap_or(("linux", "amd64"));
     match name {
         "TARGETPLATFORM" | "BUILDPLATFORM" => Some(platform.to_string()),

@@ -241,6 +241,17 @@ impl Dockerfile {
         let mut seen = std::collections::BTreeMap::new();
         for s in &stages {
             if let Some(n) = &s.name {
+                // BuildKit's rule for a stage name: `^[a-z][a-z0-9-_.]*$` (lowercased).
+                let valid = n.starts_with(|c: char| c.is_ascii_lowercase())
+                    && n.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+                if !valid {
+                    return Err(conv.error(
+                        s.from.span.clone(),
+                        format!("invalid name for build stage: `{n}`"),
+                        "a stage name starts with a letter; then letters, digits, - _ .",
+                    ));
+                }
                 if let Some(first) = seen.insert(n.clone(), s.from.line) {
                     return Err(conv.error(
                         s.from.span.clone(),
@@ -345,13 +356,10 @@ impl Converter<'_> {
 
     fn command(&self, c: &pd::Command<'_>) -> Command {
         match c {
-            pd::Command::Exec(v) => Command::Exec(
-                v.value
-                    .iter()
-                    .map(|s| s.value.to_string())
-                    .filter(|w| w != EMPTY_EXEC_MARK)
-                    .collect(),
-            ),
+            pd::Command::Exec(v) => {
+                Command::Exec(v.value.iter().map(|s| s.value.to_string()).collect())
+            }
+            pd::Command::Shell(s) if s.value.trim() == EMPTY_EXEC_MARK => Command::Exec(Vec::new()),
             pd::Command::Shell(s) => Command::Shell(self.join_continuations(s.value)),
             // The parser's enums are non-exhaustive; the pinned version has no other forms.
             _ => Command::Exec(Vec::new()),
@@ -558,23 +566,24 @@ impl Converter<'_> {
 }
 
 /// What stands for an empty exec form (`ENTRYPOINT []`, which docker takes to reset the
-/// entrypoint) while the parser, which refuses it, reads the Dockerfile.
-const EMPTY_EXEC_MARK: &str = "\u{1}ferry-empty-exec";
+/// entrypoint) while the parser, which refuses it, reads the Dockerfile: a shell form of the
+/// same length, so that every byte offset stays.
+const EMPTY_EXEC_MARK: &str = "\u{1}\u{1}";
 
-/// `ENTRYPOINT []` / `CMD []` lines with the empty list replaced by [`EMPTY_EXEC_MARK`];
-/// byte offsets after it move, line numbers do not.
+/// `ENTRYPOINT []` / `CMD []` lines with the `[]` replaced by [`EMPTY_EXEC_MARK`].
 fn mask_empty_exec(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.split_inclusive('\n') {
         let words: Vec<&str> = line.split_whitespace().collect();
-        let empty = matches!(words.as_slice(), [kw, "[]"] | [kw, "[", "]"]
+        let empty = matches!(words.as_slice(), [kw, "[]"]
             if kw.eq_ignore_ascii_case("ENTRYPOINT") || kw.eq_ignore_ascii_case("CMD"));
-        if empty {
-            let kw = words[0];
-            let end = if line.ends_with('\n') { "\n" } else { "" };
-            out.push_str(&format!("{kw} [\"{EMPTY_EXEC_MARK}\"]{end}"));
-        } else {
-            out.push_str(line);
+        match line.rfind("[]") {
+            Some(at) if empty => {
+                out.push_str(&line[..at]);
+                out.push_str(EMPTY_EXEC_MARK);
+                out.push_str(&line[at + 2..]);
+            }
+            _ => out.push_str(line),
         }
     }
     out
