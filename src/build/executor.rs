@@ -1,7 +1,8 @@
 //! The stage executor: runs one image's Dockerfile stages instruction by instruction over
 //! the store, reusing cached layers by key (DESIGN.md sections 6–8).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -881,7 +882,13 @@ impl Executor<'_> {
                 });
                 let resolved = image.resolve(&abs).map_err(&err)?;
                 let into_dir = dir_syntax(&dest) || image.is_dir(&resolved);
-                let mut layer = CopyLayer { image: &image, owner, chmod, entries: BTreeMap::new() };
+                let mut layer = CopyLayer {
+                    image: &image,
+                    owner,
+                    chmod,
+                    entries: BTreeMap::new(),
+                    inodes: HashMap::new(),
+                };
                 // ADD staging directories: their files are read when the layer is packed.
                 let mut staging = Vec::new();
                 if let Some(sel) = &selection {
@@ -1305,6 +1312,7 @@ impl Executor<'_> {
                     owner: Some(owner),
                     chmod: None,
                     entries: BTreeMap::new(),
+                    inodes: HashMap::new(),
                 };
                 layer.created_dir(&resolved).map_err(err)?;
                 self.pack(layer.entries.into_values().collect(), &created_by).map_err(err)
@@ -1627,6 +1635,9 @@ struct CopyLayer<'a> {
     chmod: Option<u32>,
     /// By path without the leading `/`; later writes win.
     entries: BTreeMap<String, LayerEntry>,
+    /// Source files with several names, by (device, inode): the path the first one was
+    /// written to. The others become hard links to it, as BuildKit keeps a source's links.
+    inodes: HashMap<(u64, u64), String>,
 }
 
 impl CopyLayer<'_> {
@@ -1666,8 +1677,8 @@ impl CopyLayer<'_> {
         Ok(())
     }
 
-    /// Write one entry whose parents exist (or are planned).
-    fn put(&mut self, mut entry: LayerEntry) -> Result<(), String> {
+    /// Write one entry whose parents exist (or are planned); returns the path it took.
+    fn put(&mut self, mut entry: LayerEntry) -> Result<String, String> {
         // The entry lands where its parent resolves to in the image: a copy through a
         // symlinked directory writes into the link's target, as BuildKit's copier does.
         let raw = strip_root(&entry.path.to_string_lossy());
@@ -1701,8 +1712,8 @@ impl CopyLayer<'_> {
                 self.entries.remove(&p);
             }
         }
-        self.entries.insert(path, entry);
-        Ok(())
+        self.entries.insert(path.clone(), entry);
+        Ok(path)
     }
 
     /// A generated file (here-document, download) with its owner and parents.
@@ -1711,7 +1722,7 @@ impl CopyLayer<'_> {
             self.created_dir(&parent.to_string_lossy())?;
         }
         let (uid, gid) = self.owner.unwrap_or((0, 0));
-        self.put(entry.with_owner(uid, gid))
+        self.put(entry.with_owner(uid, gid)).map(|_| ())
     }
 
     /// One item of a mapped selection.
@@ -1719,7 +1730,30 @@ impl CopyLayer<'_> {
         match item.kind {
             CopyKind::ParentDir => self.created_dir(&item.target),
             CopyKind::Dir if item.keep_existing => self.created_dir(&item.target),
-            _ => self.put(copy_entry(item, self.owner, self.chmod, keep_owner)?),
+            _ => {
+                let entry = copy_entry(item, self.owner, self.chmod, keep_owner)?;
+                let linked = match (&item.kind, &item.source) {
+                    (CopyKind::File, Some(src)) => std::fs::symlink_metadata(src)
+                        .ok()
+                        .filter(|m| m.nlink() > 1)
+                        .map(|m| (m.dev(), m.ino())),
+                    _ => None,
+                };
+                let Some(inode) = linked else { return self.put(entry).map(|_| ()) };
+                match self.inodes.get(&inode) {
+                    Some(first) if self.entries.contains_key(first) => {
+                        let link = LayerEntry::hardlink(entry.path.clone(), first.clone())
+                            .with_mode(entry.mode)
+                            .with_owner(entry.uid, entry.gid);
+                        self.put(link).map(|_| ())
+                    }
+                    _ => {
+                        let path = self.put(entry)?;
+                        self.inodes.insert(inode, path);
+                        Ok(())
+                    }
+                }
+            }
         }
     }
 }

@@ -181,8 +181,16 @@ fn names_line(text: &str, line: usize) -> bool {
 fn docker_build(case: &Case, ctx: &Path, out: &Path) -> Result<(), String> {
     let cli = &env().bases.docker;
     let tag = format!("ferry-conformance/{}:latest", case.name);
-    let mut args: Vec<String> =
-        vec!["build".into(), "--network".into(), "host".into(), "-t".into(), tag.clone()];
+    // --no-cache: a layer docker cached in an earlier run keeps that run's mtimes, which the
+    // mtime rule would take for the context's.
+    let mut args: Vec<String> = vec![
+        "build".into(),
+        "--no-cache".into(),
+        "--network".into(),
+        "host".into(),
+        "-t".into(),
+        tag.clone(),
+    ];
     for (k, v) in &case.spec.args {
         args.push("--build-arg".into());
         args.push(format!("{k}={v}"));
