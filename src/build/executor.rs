@@ -888,6 +888,7 @@ impl Executor<'_> {
                     chmod,
                     entries: BTreeMap::new(),
                     inodes: HashMap::new(),
+                    source_root: None,
                 };
                 // ADD staging directories: their files are read when the layer is packed.
                 let mut staging = Vec::new();
@@ -1313,6 +1314,7 @@ impl Executor<'_> {
                     chmod: None,
                     entries: BTreeMap::new(),
                     inodes: HashMap::new(),
+                    source_root: None,
                 };
                 layer.created_dir(&resolved).map_err(err)?;
                 self.pack(layer.entries.into_values().collect(), &created_by).map_err(err)
@@ -1638,6 +1640,8 @@ struct CopyLayer<'a> {
     /// Source files with several names, by (device, inode): the path the first one was
     /// written to. The others become hard links to it, as BuildKit keeps a source's links.
     inodes: HashMap<(u64, u64), String>,
+    /// The target of the directory source being copied (with a trailing `/`).
+    source_root: Option<String>,
 }
 
 impl CopyLayer<'_> {
@@ -1695,6 +1699,14 @@ impl CopyLayer<'_> {
             Some(PathKind::Dir) if !is_dir => {
                 return Err(format!("cannot replace directory /{path} of the image with a file"))
             }
+            // A directory onto a symlink to a directory goes into the link's target (the
+            // tar of an ADD holding var/run/ on a base where /var/run → /run), as current
+            // BuildKit does (testDockerfileAddArchiveThroughAbsoluteSymlink).
+            Some(PathKind::Symlink(_))
+                if is_dir && self.image.is_dir(&self.image.resolve(&format!("/{path}"))?) =>
+            {
+                return Ok(path)
+            }
             Some(k) if is_dir && k != PathKind::Dir => {
                 return Err(format!("cannot copy to non-directory: /{path}"))
             }
@@ -1729,11 +1741,22 @@ impl CopyLayer<'_> {
     fn item(&mut self, item: &CopyItem, keep_owner: bool) -> Result<(), String> {
         match item.kind {
             CopyKind::ParentDir => self.created_dir(&item.target),
-            CopyKind::Dir if item.keep_existing => self.created_dir(&item.target),
+            CopyKind::Dir if item.keep_existing => {
+                // A directory source starts: links are kept within one source only.
+                self.inodes.clear();
+                self.source_root = Some(format!("{}/", item.target.trim_end_matches('/')));
+                self.created_dir(&item.target)
+            }
             _ => {
                 let entry = copy_entry(item, self.owner, self.chmod, keep_owner)?;
+                let in_dir_source =
+                    self.source_root.as_ref().is_some_and(|r| item.target.starts_with(r.as_str()));
+                if !in_dir_source {
+                    self.source_root = None;
+                    self.inodes.clear();
+                }
                 let linked = match (&item.kind, &item.source) {
-                    (CopyKind::File, Some(src)) => std::fs::symlink_metadata(src)
+                    (CopyKind::File, Some(src)) if in_dir_source => std::fs::symlink_metadata(src)
                         .ok()
                         .filter(|m| m.nlink() > 1)
                         .map(|m| (m.dev(), m.ino())),
