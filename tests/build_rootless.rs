@@ -219,6 +219,31 @@ fn a_rootless_build_gives_the_same_images_as_root() {
         .collect();
     assert!(!www_owners.is_empty());
     assert!(www_owners.iter().all(|&uid| uid == 231072 + 32), "{www_owners:?}");
+
+    // The store's upkeep runs in the namespace too: the caller could not remove those
+    // files from outside it.
+    for command in [
+        &["rmi", "app", "t/app"][..],
+        &["rmi", "bb", "t/bb"],
+        &["cache", "prune", "--all"],
+        &["prune"],
+    ] {
+        let mut args = vec!["--store", store_arg];
+        args.extend_from_slice(command);
+        let output = user.ferry(rootless_dir.path(), &args);
+        assert!(
+            output.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let left: Vec<_> = walkdir::WalkDir::new(rootless_store.path())
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| e.metadata().unwrap().uid() >= 231072)
+        .map(|e| e.path().display().to_string())
+        .collect();
+    assert!(left.is_empty(), "files of subordinate ids left behind: {left:?}");
 }
 
 #[test]
