@@ -143,11 +143,8 @@ impl std::fmt::Display for NoRange {
 /// The maps a rootless ferry of `uid`:`gid` gets: its own id as 0, then its subordinate
 /// ranges. Fails (saying why and what to add) without ranges or without the helpers.
 pub fn subordinate_maps(uid: u32, gid: u32) -> Result<IdMaps, NoRange> {
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_default();
+    let account = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten();
+    let user = account.as_ref().map(|u| u.name.clone()).unwrap_or_default();
     let hint = setup_hint(&user);
     let no = |reason: String| Err(NoRange { reason, hint: hint.clone() });
     if user.is_empty() {
@@ -167,6 +164,15 @@ pub fn subordinate_maps(uid: u32, gid: u32) -> Result<IdMaps, NoRange> {
             _ => SUBGID_FILE.to_string(),
         };
         return no(format!("user {user} has no subordinate id range in {missing}"));
+    }
+    if let Some(primary) = account.map(|u| u.gid.as_raw()).filter(|&g| g != gid) {
+        return Err(NoRange {
+            reason: format!(
+                "ferry runs as group {gid}, not the user's primary group {primary}, and \
+                 newuidmap maps only processes of the primary group"
+            ),
+            hint: "run ferry with your primary group".into(),
+        });
     }
     for helper in ["newuidmap", "newgidmap"] {
         if find_helper(helper).is_none() {
