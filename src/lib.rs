@@ -21,3 +21,4 @@ pub mod release;
 pub mod report;
 pub mod sandbox;
 pub mod store;
+pub mod userns;

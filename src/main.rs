@@ -8,5 +8,10 @@ fn main() -> std::process::ExitCode {
     if let Some(code) = ferry::sandbox::run_init_if_requested() {
         std::process::exit(code);
     }
+    // Rootless with a subordinate id range: the whole command runs again inside a user
+    // namespace with that range, where it is root (see `ferry::userns`).
+    if let Some(code) = ferry::userns::reexec_if_rootless() {
+        std::process::exit(code);
+    }
     cli::main()
 }

@@ -7,8 +7,8 @@ use std::os::unix::fs::{chown, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ferry::sandbox::{
-    is_whiteout, ExitStatus, NamespaceSandbox, Network, OverlayXattrs, RunMount, RunOutcome,
-    RunSpec, Sandbox, SandboxError, SecretBytes,
+    is_whiteout, ExitStatus, IdMapping, NamespaceSandbox, Network, OverlayXattrs, RunMount,
+    RunOutcome, RunSpec, Sandbox, SandboxError, SecretBytes,
 };
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -586,6 +586,10 @@ fn rootless_runs_as_mapped_root_or_says_why_it_cannot() {
     let outcome = result.unwrap_or_else(|e| panic!("{e}\noutput: {output}"));
     assert_eq!(outcome.status, ExitStatus::Code(0), "{output}");
     assert_eq!(outcome.xattrs, OverlayXattrs::User);
+    // Only the invoking user exists inside, as 0: the outcome says how to read the upper
+    // dir's owners, so that the layer records 0:0 rather than the host's 65534.
+    let only_nobody = vec![IdMapping { container: 0, host: NOBODY, size: 1 }];
+    assert_eq!((&outcome.uid_map, &outcome.gid_map), (&only_nobody, &only_nobody));
     assert_eq!(output, "0\nrootless-secret\n1\n2\n");
     let upper = fixture.upper_tree();
     assert_eq!(upper.paths(), vec!["data", "data/old", "newfile", "srv"]);
@@ -617,8 +621,11 @@ fn rootless_runs_as_mapped_root_or_says_why_it_cannot() {
     }
     let mut spec = fixture.spec("true");
     spec.uid = 1000;
-    let err = try_run(&sandbox, &spec).0.unwrap_err();
-    assert!(err.to_string().contains("user 1000 does not exist in a rootless sandbox"), "{err}");
+    let err = try_run(&sandbox, &spec).0.unwrap_err().to_string();
+    assert!(err.contains("user 1000 does not exist in a rootless sandbox"), "{err}");
+    // ... that says what to add for more.
+    assert!(err.contains("/etc/subuid") && err.contains("uidmap"), "{err}");
+    assert!(err.contains("`nobody:100000:65536`"), "{err}");
 }
 
 #[test]

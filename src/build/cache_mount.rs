@@ -196,8 +196,11 @@ impl CacheMount {
             std::os::unix::fs::chown(fresh.path(), Some(self.uid), Some(self.gid)).map_err(
                 |e| {
                     format!(
-                        "RUN --mount=type=cache uid={} gid={}: cannot give the cache to them: {e}",
-                        self.uid, self.gid
+                        "RUN --mount=type=cache uid={} gid={}: cannot give the cache to them: \
+                         {e}{}",
+                        self.uid,
+                        self.gid,
+                        rootless_note()
                     )
                 },
             )?;
@@ -206,6 +209,23 @@ impl CacheMount {
             .map_err(|e| format!("cannot set the cache's mode: {e}"))?;
         std::fs::rename(fresh.keep(), dir)
             .map_err(|e| format!("cannot make the cache {}: {e}", dir.display()))
+    }
+}
+
+/// Why a rootless ferry could not chown: it runs without subordinate ids.
+fn rootless_note() -> String {
+    let (uid, gid) = (nix::unistd::Uid::effective(), nix::unistd::Gid::effective());
+    if uid.is_root() {
+        return String::new();
+    }
+    match crate::userns::subordinate_maps(uid.as_raw(), gid.as_raw()) {
+        Err(no_range) => {
+            format!(" (this rootless build has only your own ids, as 0:0: {no_range})")
+        }
+        Ok(_) => format!(
+            " (this rootless build runs without its user namespace: {}=off?)",
+            crate::userns::USERNS_ENV
+        ),
     }
 }
 

@@ -1250,13 +1250,17 @@ impl Executor<'_> {
                         .output_tail
                         .iter()
                         .map(|l| format!("  | {l}"))
+                        .chain(outcome.note.iter().map(|note| format!("note: {note}")))
                         .collect::<Vec<_>>()
                         .join("\n"),
                 })));
             }
+            // Owners as the step gave them: a sandbox with a user namespace of its own says
+            // how its host ids read (else they are the image's already).
             let opts = crate::layer::UpperDirOptions {
                 overlay_xattrs: outcome.xattrs,
-                ..Default::default()
+                uid_map: outcome.uid_map.clone(),
+                gid_map: outcome.gid_map.clone(),
             };
             let entries = crate::layer::directory_entries(&upper, &opts)
                 .map_err(|e| io("reading the RUN result", &e))?;
@@ -1791,7 +1795,13 @@ fn copy_entry(
     keep_owner: bool,
 ) -> Result<LayerEntry, String> {
     let path = strip_root(&item.target);
-    let (uid, gid) = owner.unwrap_or(if keep_owner { (item.uid, item.gid) } else { (0, 0) });
+    // Kept owners are read from snapshots: a rootless ferry without its user namespace
+    // extracted them as itself, which is root in the image.
+    let (uid, gid) = owner.unwrap_or(if keep_owner {
+        crate::userns::image_owner(item.uid, item.gid)
+    } else {
+        (0, 0)
+    });
     let entry = match (&item.kind, &item.source) {
         (CopyKind::Symlink, _) => {
             LayerEntry::symlink(path, item.link_target.clone().unwrap_or_default())

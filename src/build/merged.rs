@@ -22,9 +22,6 @@ use crate::store::Store;
 /// The most symlinks followed while resolving one path, as Linux's `MAXSYMLINKS`.
 const MAX_SYMLINKS: usize = 40;
 
-/// The xattr that marks a directory of a snapshot as opaque (see `layer::extract`).
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathKind {
     Dir,
@@ -337,7 +334,8 @@ fn path_info(node: &Node) -> PathInfo {
     } else {
         PathKind::Special
     };
-    PathInfo { kind, mode: node.meta.mode() & 0o7777, uid: node.meta.uid(), gid: node.meta.gid() }
+    let (uid, gid) = crate::userns::image_owner(node.meta.uid(), node.meta.gid());
+    PathInfo { kind, mode: node.meta.mode() & 0o7777, uid, gid }
 }
 
 /// A whiteout in a snapshot: a character device 0/0, as overlayfs writes them.
@@ -346,7 +344,8 @@ fn is_whiteout(meta: &Metadata) -> bool {
 }
 
 fn is_opaque(dir: &Path) -> bool {
-    matches!(xattr::get(dir, OPAQUE_XATTR), Ok(Some(v)) if v == b"y")
+    // Marked as `layer::extract` marks it for this process's overlay mounts.
+    crate::layer::OverlayXattrs::native().is_opaque_dir(dir).unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -386,7 +385,8 @@ mod tests {
         fs::create_dir_all(middle.join("data")).unwrap();
         write(&middle.join("data/new"), "n");
         write(&top.join("opt/old/y"), "y");
-        xattr::set(top.join("opt/old"), OPAQUE_XATTR, b"y").unwrap();
+        let opaque = crate::layer::OverlayXattrs::native().opaque_name();
+        xattr::set(top.join("opt/old"), opaque, b"y").unwrap();
         symlink("loop", top.join("loop")).unwrap();
         MergedView { layers: vec![top, middle, base] }
     }

@@ -129,6 +129,9 @@ pub(super) fn build_selected(
         std::env::current_exe()
             .map_err(|e| invalid(format!("cannot find the ferry binary: {e}")))?,
     );
+    if let Some(note) = sandbox.rootless_note() {
+        printer.warn(&note);
+    }
     let sharing = !inputs.cache_from.is_empty() || inputs.cache_to.is_some();
     let registry = RegistryClient::new(RegistryConfig::for_manifest(manifest));
     let mut shared = SharedCache::new(&registry);

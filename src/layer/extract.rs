@@ -32,8 +32,12 @@ use super::LayerError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtractMode {
     /// Into an empty directory that will be an overlayfs lower dir: `.wh.x` becomes a 0/0
-    /// character device `x`, `.wh..wh..opq` the `trusted.overlay.opaque=y` xattr on its
-    /// directory. Needs root (mknod, trusted xattrs).
+    /// character device `x`, `.wh..wh..opq` the `overlay.opaque=y` xattr on its directory
+    /// (`trusted.` as root of the host, `user.` otherwise, as [`OverlayXattrs::native`]
+    /// says and the sandbox's mount reads). Owners are kept when this process may chown
+    /// (root, or root of a rootless build's user namespace).
+    ///
+    /// [`OverlayXattrs::native`]: super::OverlayXattrs::native
     OverlayLower,
     /// Onto an existing tree (a rootfs being flattened, an ADD staging dir): `.wh.x`
     /// deletes `x`, `.wh..wh..opq` deletes what the directory held before this layer.
@@ -334,6 +338,20 @@ impl Extractor {
         Ok(libc::makedev(major, minor))
     }
 
+    /// A failed chown; in a rootless build's user namespace, EINVAL means an owner outside
+    /// the mapped ids.
+    fn chown_err(&self, h: &Header, errno: Errno) -> LayerError {
+        if errno == Errno::EINVAL && crate::userns::in_user_namespace() {
+            let (uid, gid) = (h.uid, h.gid);
+            let source = io::Error::other(format!(
+                "its owner {uid}:{gid} is outside the ids this rootless build maps (its \
+                 subordinate ranges in /etc/subuid and /etc/subgid are too small)"
+            ));
+            return self.io_err(h, source);
+        }
+        self.io_err(h, errno)
+    }
+
     fn ids(&self, h: &Header) -> Result<(Uid, Gid), LayerError> {
         let (Ok(uid), Ok(gid)) = (u32::try_from(h.uid), u32::try_from(h.gid)) else {
             return Err(self.hostile(h, "uid or gid out of range"));
@@ -350,7 +368,7 @@ impl Extractor {
     ) -> Result<(), LayerError> {
         if self.is_root {
             let (uid, gid) = self.ids(h)?;
-            fchown(fd, Some(uid), Some(gid)).map_err(|e| self.io_err(h, e))?;
+            fchown(fd, Some(uid), Some(gid)).map_err(|e| self.chown_err(h, e))?;
         }
         if with_mode {
             fchmod(fd, Mode::from_bits_truncate(h.mode)).map_err(|e| self.io_err(h, e))?;
@@ -362,7 +380,7 @@ impl Extractor {
         if self.is_root {
             let (uid, gid) = self.ids(h)?;
             fchownat(dir, os(name), Some(uid), Some(gid), AtFlags::AT_SYMLINK_NOFOLLOW)
-                .map_err(|e| self.io_err(h, e))?;
+                .map_err(|e| self.chown_err(h, e))?;
         }
         Ok(())
     }
@@ -436,7 +454,7 @@ impl Extractor {
                 .map_err(|e| self.io_err(h, e))?;
             match self.mode {
                 ExtractMode::OverlayLower => File::from(dir)
-                    .set_xattr(super::OverlayXattrs::Trusted.opaque_name(), b"y")
+                    .set_xattr(super::OverlayXattrs::native().opaque_name(), b"y")
                     .map_err(|e| self.io_err(h, e))?,
                 ExtractMode::Apply => {
                     self.clear_lower(h, dir.as_fd(), parent)?;

@@ -21,6 +21,16 @@ pub enum OverlayXattrs {
 }
 
 impl OverlayXattrs {
+    /// The namespace this process's overlay mounts use: `trusted.` only as root of the
+    /// host (a user namespace's root may not write `trusted.` xattrs either).
+    pub fn native() -> Self {
+        if crate::userns::is_host_root() {
+            OverlayXattrs::Trusted
+        } else {
+            OverlayXattrs::User
+        }
+    }
+
     /// The prefix of every overlayfs-private xattr; the layer writer must not copy these
     /// into a layer (they mark origins, redirects and opacity, not file content).
     pub fn prefix(self) -> &'static str {

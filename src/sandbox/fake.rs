@@ -55,11 +55,7 @@ impl Default for FakeSandbox {
 impl FakeSandbox {
     pub fn new() -> Self {
         // Marks opaque directories the way the real sandbox would as this user.
-        let xattrs = if nix::unistd::Uid::effective().is_root() {
-            OverlayXattrs::Trusted
-        } else {
-            OverlayXattrs::User
-        };
+        let xattrs = OverlayXattrs::native();
         FakeSandbox {
             script: Mutex::new(VecDeque::new()),
             received: Mutex::new(Vec::new()),
@@ -100,7 +96,12 @@ impl Sandbox for FakeSandbox {
         }
         let mut tail = OutputTail::default();
         tail.push(&run.output);
-        Ok(RunOutcome { status: run.status, output_tail: tail.finish(), xattrs: self.xattrs })
+        Ok(RunOutcome {
+            status: run.status,
+            output_tail: tail.finish(),
+            xattrs: self.xattrs,
+            ..RunOutcome::default()
+        })
     }
 }
 

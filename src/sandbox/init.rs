@@ -32,9 +32,11 @@ use nix::sys::stat::{umask, Mode};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{self, ForkResult, Gid, Pid, Uid};
 
-use super::protocol::{read_message_line, write_message, InitMessage, InitRequest, GO};
+use super::protocol::{
+    read_message_line, write_message, InitMessage, InitRequest, UserNamespace, GO,
+};
 use super::rootfs::{ensure_in_root, TargetKind};
-use super::{ExitStatus, Network, RunMount, RunSpec};
+use super::{ExitStatus, Network, RunMount};
 
 /// Exit code of an init that could not run the command (docker uses 125 for the same).
 const SETUP_FAILED: i32 = 125;
@@ -179,8 +181,8 @@ fn close_inherited_descriptors(keep: i32) {
 fn outer_init(control: &Control, request: &InitRequest) -> i32 {
     // If ferry dies, so does the sandbox (PID 1 follows us the same way).
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    let rootless = !Uid::effective().is_root();
-    if rootless {
+    let rootless = request.user_namespace.rootless();
+    if request.user_namespace == UserNamespace::SingleId {
         if let Err(reason) = enter_user_namespace() {
             control.send(&InitMessage::RootlessRefused { reason });
             return SETUP_FAILED;
@@ -212,7 +214,7 @@ fn outer_init(control: &Control, request: &InitRequest) -> i32 {
     // SAFETY: this process is single-threaded (a fresh exec of ferry that started no threads).
     match unsafe { unistd::fork() } {
         Err(e) => control.fail(step_error("fork the sandbox's PID 1")(e)),
-        Ok(ForkResult::Child) => std::process::exit(pid1(control, request, rootless)),
+        Ok(ForkResult::Child) => std::process::exit(pid1(control, request)),
         Ok(ForkResult::Parent { child }) => match wait_for(child) {
             Some(ExitStatus::Code(code)) => code,
             Some(ExitStatus::Signal(signal)) => 128 + signal,
@@ -290,7 +292,8 @@ fn restriction_hint() -> Option<String> {
     None
 }
 
-fn pid1(control: &Control, request: &InitRequest, rootless: bool) -> i32 {
+fn pid1(control: &Control, request: &InitRequest) -> i32 {
+    let rootless = request.user_namespace.rootless();
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // Mount points and the working directory get docker's modes whatever ferry's umask.
     umask(Mode::from_bits_truncate(0o022));
@@ -329,7 +332,7 @@ fn pid1(control: &Control, request: &InitRequest, rootless: bool) -> i32 {
     let child = match unsafe { unistd::fork() } {
         Err(e) => return control.fail(step_error("fork the RUN process")(e)),
         Ok(ForkResult::Child) => {
-            let error = exec_command(spec, rootless);
+            let error = exec_command(request);
             control.send(&error);
             // SAFETY: _exit skips destructors and atexit handlers of the copied process image.
             unsafe { libc::_exit(EXEC_FAILED) }
@@ -358,7 +361,7 @@ fn build_rootfs(request: &InitRequest, rootless: bool) -> Result<(), StepError> 
     let rootfs = &request.rootfs;
     mount_overlay(request, rootless)?;
     mount_proc(rootfs)?;
-    mount_dev(rootfs, rootless)?;
+    mount_dev(rootfs, rootless && !id_mapped("gid_map", 5))?;
     mount_sys(rootfs)?;
     mask_proc(rootfs)?;
     for file in ["/etc/resolv.conf", "/etc/hosts"] {
@@ -440,11 +443,7 @@ fn build_rootfs(request: &InitRequest, rootless: bool) -> Result<(), StepError> 
                             format!(
                                 "cannot give it to {uid}:{gid}: {}{}",
                                 e.desc(),
-                                if rootless {
-                                    " (a rootless sandbox has only the ids 0:0)"
-                                } else {
-                                    ""
-                                }
+                                unmapped_note(request, e)
                             ),
                         )
                     })?;
@@ -593,7 +592,8 @@ fn mount_proc(rootfs: &Path) -> Result<(), StepError> {
     .map_err(step_error("mount /proc"))
 }
 
-fn mount_dev(rootfs: &Path, rootless: bool) -> Result<(), StepError> {
+/// `without_tty_group`: gid 5 (tty) does not exist in the sandbox's user namespace.
+fn mount_dev(rootfs: &Path, without_tty_group: bool) -> Result<(), StepError> {
     let dev = ensure(rootfs, "/dev", TargetKind::Dir)?;
     // nodev: only the devices bound below open (each bind keeps the host mount's flags).
     mount(
@@ -618,8 +618,7 @@ fn mount_dev(rootfs: &Path, rootless: bool) -> Result<(), StepError> {
     }
     let pts = dev.join("pts");
     std::fs::create_dir(&pts).map_err(|e| step_failed("create /dev/pts", e.to_string()))?;
-    // gid 5 (tty) exists only when ids are not remapped.
-    let pts_options = if rootless {
+    let pts_options = if without_tty_group {
         "newinstance,ptmxmode=0666,mode=0620"
     } else {
         "newinstance,ptmxmode=0666,mode=0620,gid=5"
@@ -771,7 +770,9 @@ fn pivot_into(rootfs: &Path) -> Result<(), StepError> {
 }
 
 /// In the RUN process: drops privileges and execs the command. Returns only on failure.
-fn exec_command(spec: &RunSpec, rootless: bool) -> InitMessage {
+fn exec_command(request: &InitRequest) -> InitMessage {
+    let spec = &request.spec;
+    let rootless = request.user_namespace.rootless();
     let failed =
         |step: &str, message: String| InitMessage::Failed { step: step.to_string(), message };
     let _ = unistd::setsid();
@@ -786,17 +787,22 @@ fn exec_command(spec: &RunSpec, rootless: bool) -> InitMessage {
     if let Err(message) = drop_capabilities() {
         return failed("drop capabilities", message);
     }
-    let unmapped = |what: &str, id: u32| {
-        if rootless && id != 0 {
+    let unmapped = |what: &str, kind: &str, id: u32, e: Errno| {
+        if rootless && e == Errno::EINVAL && !id_mapped(kind, id) {
             format!(
-                "{what} {id} does not exist in a rootless sandbox: only the invoking user \
-                 is mapped, as 0"
+                "{what} {id} does not exist in a rootless sandbox{}",
+                match &request.id_note {
+                    Some(note) => format!(": {note}"),
+                    None => format!(": {}", mapped_ids_note()),
+                }
             )
         } else {
-            format!("cannot switch to {what} {id}")
+            format!("cannot switch to {what} {id}: {}", e.desc())
         }
     };
-    if !rootless {
+    // A user namespace whose gid map newgidmap wrote from a subordinate range allows
+    // setgroups; one the init made itself does not (and leaves the groups as they are).
+    if !rootless || setgroups_allowed() {
         let groups: Vec<Gid> = spec.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
         if let Err(e) = unistd::setgroups(&groups) {
             return failed("set the supplementary groups", e.desc().to_string());
@@ -804,11 +810,11 @@ fn exec_command(spec: &RunSpec, rootless: bool) -> InitMessage {
     }
     let gid = Gid::from_raw(spec.gid);
     if let Err(e) = unistd::setresgid(gid, gid, gid) {
-        return failed("switch group", format!("{}: {}", unmapped("group", spec.gid), e.desc()));
+        return failed("switch group", unmapped("group", "gid_map", spec.gid, e));
     }
     let uid = Uid::from_raw(spec.uid);
     if let Err(e) = unistd::setresuid(uid, uid, uid) {
-        return failed("switch user", format!("{}: {}", unmapped("user", spec.uid), e.desc()));
+        return failed("switch user", unmapped("user", "uid_map", spec.uid, e));
     }
     if let Err(e) = unistd::chdir(spec.cwd.as_str()) {
         return failed("enter the working directory", format!("{}: {}", spec.cwd, e.desc()));
@@ -841,6 +847,47 @@ fn exec_command(spec: &RunSpec, rootless: bool) -> InitMessage {
     };
     let error = unistd::execve(&program, &argv, &envp).unwrap_err();
     exec_failed(error.desc().to_string())
+}
+
+/// Whether container id `id` exists in this process's user namespace (`kind`: "uid_map" or
+/// "gid_map"). Outside any user namespace every id does.
+fn id_mapped(kind: &str, id: u32) -> bool {
+    crate::userns::own_map(kind)
+        .iter()
+        .any(|m| id.checked_sub(m.container).is_some_and(|o| o < m.size))
+}
+
+/// Which ids a rootless build's namespace has, for an error about one it has not.
+fn mapped_ids_note() -> String {
+    let top = |kind: &str| {
+        crate::userns::own_map(kind)
+            .iter()
+            .map(|m| m.container.saturating_add(m.size.saturating_sub(1)))
+            .max()
+            .unwrap_or(0)
+    };
+    format!(
+        "this rootless build maps uids 0-{} and gids 0-{} (its subordinate ranges in {} and {})",
+        top("uid_map"),
+        top("gid_map"),
+        crate::userns::SUBUID_FILE,
+        crate::userns::SUBGID_FILE
+    )
+}
+
+/// Why chown to a secret's owner failed, when the reason is the rootless id map.
+fn unmapped_note(request: &InitRequest, errno: Errno) -> String {
+    if !request.user_namespace.rootless() || errno != Errno::EINVAL {
+        return String::new();
+    }
+    match &request.id_note {
+        Some(note) => format!(" ({note})"),
+        None => format!(" ({})", mapped_ids_note()),
+    }
+}
+
+fn setgroups_allowed() -> bool {
+    std::fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "allow")
 }
 
 /// Docker's (and execvp's) lookup, but in the command's PATH rather than the init's.

@@ -144,7 +144,7 @@ impl std::fmt::Display for ExitStatus {
     }
 }
 
-pub use crate::layer::OverlayXattrs;
+pub use crate::layer::{IdMapping, OverlayXattrs};
 
 /// Whether an upper-dir entry is an overlayfs whiteout (a deleted lower entry): a character
 /// device with device number 0/0.
@@ -161,6 +161,28 @@ pub struct RunOutcome {
     pub output_tail: Vec<String>,
     /// How to read overlay metadata in the upper dir.
     pub xattrs: OverlayXattrs,
+    /// How owners in the upper dir (as ferry sees them) translate to the image's, when the
+    /// sandbox made a user namespace of its own: the host ids it mapped, as the container
+    /// ids they were inside. Empty: the owners on disk are the image's already (as root,
+    /// or in the user namespace of a rootless ferry).
+    pub uid_map: Vec<IdMapping>,
+    pub gid_map: Vec<IdMapping>,
+    /// For a failed step, what may explain it: a rootless sandbox with only the caller's
+    /// id mapped says so, and what to add to have more.
+    pub note: Option<String>,
+}
+
+impl Default for RunOutcome {
+    fn default() -> Self {
+        RunOutcome {
+            status: ExitStatus::Code(0),
+            output_tail: Vec::new(),
+            xattrs: OverlayXattrs::default(),
+            uid_map: Vec::new(),
+            gid_map: Vec::new(),
+            note: None,
+        }
+    }
 }
 
 /// Runs RUN steps. `output` receives the process's stdout and stderr, interleaved as written.

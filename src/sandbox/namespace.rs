@@ -6,44 +6,97 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use super::output::OutputTail;
-use super::protocol::{read_message, InitMessage, InitRequest, GO};
+use super::protocol::{read_message, InitMessage, InitRequest, UserNamespace, GO};
 use super::stubs::SetupResidue;
 use super::{OverlayXattrs, RunOutcome, RunSpec, Sandbox, SandboxError, INIT_ARG};
+use crate::userns::IdMaps;
 
 /// Runs each RUN step in fresh mount, PID, UTS and IPC namespaces (and a network namespace for
 /// `--network=none`), on an overlay of the image's layers.
 ///
-/// As root, the command runs with docker's default capabilities and /proc masks. When ferry
-/// is not root (or [`rootless_as`](Self::rootless_as) is used), the steps run in a user
-/// namespace where the invoking user is root: the upper dir then carries `user.` overlay
-/// xattrs ([`RunOutcome::xattrs`]), only the ids 0:0 exist inside (another `uid`/`gid` is a
-/// [`SandboxError::Setup`]), supplementary groups cannot be set (the kernel forbids
-/// setgroups there) and are left as they are, and lower files owned by other host users
-/// appear as `nobody`.
+/// As root, the command runs with docker's default capabilities and /proc masks. A rootless
+/// ferry normally runs in a user namespace of its own with the caller's subordinate ids
+/// (see [`crate::userns`]) as its root: the steps stay in it, every mapped id exists inside
+/// and owners on disk are the image's. Without one (no range; or with
+/// [`rootless_as`](Self::rootless_as)), each step makes a user namespace where the invoking
+/// user is root and no other id exists: another `uid`/`gid` is a [`SandboxError::Setup`]
+/// that says what to add, supplementary groups cannot be set, lower files owned by other
+/// host users appear as `nobody`, and [`RunOutcome::uid_map`] says how to read the upper
+/// dir's owners. Either way a rootless upper dir carries `user.` overlay xattrs
+/// ([`RunOutcome::xattrs`]).
 #[derive(Debug, Clone)]
 pub struct NamespaceSandbox {
     init_exe: PathBuf,
     run_as: Option<(u32, u32)>,
+    single_id_note: OnceLock<String>,
 }
 
 impl NamespaceSandbox {
     /// `init_exe` is the ferry binary (`std::env::current_exe()`), re-executed as the init.
     pub fn new(init_exe: impl Into<PathBuf>) -> Self {
-        NamespaceSandbox { init_exe: init_exe.into(), run_as: None }
+        NamespaceSandbox {
+            init_exe: init_exe.into(),
+            run_as: None,
+            single_id_note: OnceLock::new(),
+        }
     }
 
     /// Runs the steps rootless as host user `uid`:`gid` even when ferry is root: the sandbox
-    /// then has no privilege on the host at all. The layer, work and scratch directories must
-    /// be writable by that user and the lower dirs readable.
+    /// then has no privilege on the host at all, and only `uid`:`gid` exist inside, as 0:0.
+    /// The layer, work and scratch directories must be writable by that user and the lower
+    /// dirs readable.
     pub fn rootless_as(mut self, uid: u32, gid: u32) -> Self {
         self.run_as = Some((uid, gid));
         self
     }
 
-    fn rootless(&self) -> bool {
-        self.run_as.is_some() || !nix::unistd::Uid::effective().is_root()
+    fn user_namespace(&self) -> UserNamespace {
+        if self.run_as.is_some() {
+            UserNamespace::SingleId
+        } else if crate::userns::is_host_root() {
+            UserNamespace::Host
+        } else if nix::unistd::Uid::effective().is_root() {
+            UserNamespace::Inherited
+        } else {
+            UserNamespace::SingleId
+        }
+    }
+
+    /// The host ids a single-id sandbox maps to 0:0.
+    fn own_ids(&self) -> (u32, u32) {
+        self.run_as.unwrap_or_else(|| {
+            (nix::unistd::Uid::effective().as_raw(), nix::unistd::Gid::effective().as_raw())
+        })
+    }
+
+    /// When the steps will have only the caller's ids (a rootless ferry without a
+    /// subordinate range): what that means and what to add. `None` when every id exists.
+    pub fn rootless_note(&self) -> Option<String> {
+        (self.user_namespace() == UserNamespace::SingleId).then(|| self.single_id_note())
+    }
+
+    fn single_id_note(&self) -> String {
+        self.single_id_note
+            .get_or_init(|| {
+                let (uid, gid) = self.own_ids();
+                let why = match crate::userns::subordinate_maps(uid, gid) {
+                    Err(no_range) => no_range.to_string(),
+                    Ok(_) => format!(
+                        "the user has subordinate ids, but ferry runs without its user \
+                         namespace ({}=off, or a test's rootless_as)",
+                        crate::userns::USERNS_ENV
+                    ),
+                };
+                format!(
+                    "this rootless build maps only uid {uid} and gid {gid} into the RUN \
+                     sandbox, as 0:0, so no other user or group exists there (USER, chown and \
+                     files owned by others need them): {why}"
+                )
+            })
+            .clone()
     }
 }
 
@@ -54,13 +107,18 @@ impl Sandbox for NamespaceSandbox {
         output: &mut dyn FnMut(&[u8]),
     ) -> Result<RunOutcome, SandboxError> {
         let spec = validated(spec)?;
-        let xattrs = if self.rootless() { OverlayXattrs::User } else { OverlayXattrs::Trusted };
+        let user_namespace = self.user_namespace();
+        let xattrs =
+            if user_namespace.rootless() { OverlayXattrs::User } else { OverlayXattrs::Trusted };
+        let id_note = (user_namespace == UserNamespace::SingleId).then(|| self.single_id_note());
         let scratch = Scratch::create(self.run_as, spec.work_dir.parent())?;
         let request = InitRequest {
             spec,
             rootfs: scratch.rootfs.clone(),
             empty_lower: scratch.empty_lower.clone(),
             secrets_staging: scratch.secrets.clone(),
+            user_namespace,
+            id_note: id_note.clone(),
         };
         let mut request_line = serde_json::to_vec(&request)
             .map_err(|e| SandboxError::Protocol(format!("cannot encode the request: {e}")))?;
@@ -140,7 +198,14 @@ impl Sandbox for NamespaceSandbox {
             Some(InitMessage::Exited { status }) => {
                 let output_tail = tail.finish();
                 tracing::debug!(%status, "RUN finished");
-                Ok(RunOutcome { status, output_tail, xattrs })
+                let (uid_map, gid_map) = match user_namespace {
+                    UserNamespace::SingleId => {
+                        let maps = IdMaps::single(self.own_ids().0, self.own_ids().1);
+                        (maps.uid, maps.gid)
+                    }
+                    UserNamespace::Host | UserNamespace::Inherited => (Vec::new(), Vec::new()),
+                };
+                Ok(RunOutcome { status, output_tail, xattrs, uid_map, gid_map, note: id_note })
             }
             Some(InitMessage::RootlessRefused { reason }) => {
                 Err(SandboxError::RootlessUnavailable { reason })

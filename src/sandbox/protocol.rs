@@ -27,6 +27,28 @@ pub struct InitRequest {
     pub empty_lower: PathBuf,
     /// An empty directory on which the init mounts a private tmpfs for secrets.
     pub secrets_staging: PathBuf,
+    pub user_namespace: UserNamespace,
+    /// Said when a step needs an id this sandbox does not have (with [`UserNamespace::SingleId`]:
+    /// why there is no range, and what to add).
+    pub id_note: Option<String>,
+}
+
+/// Which user namespace the steps run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserNamespace {
+    /// None: ferry is root of the host.
+    Host,
+    /// The one ferry runs in, as its root: a rootless build's namespace with the caller's
+    /// subordinate ids (see `crate::userns`). The sandbox makes no other.
+    Inherited,
+    /// A new one in which only the init's own uid and gid exist, as 0.
+    SingleId,
+}
+
+impl UserNamespace {
+    pub fn rootless(self) -> bool {
+        self != UserNamespace::Host
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
