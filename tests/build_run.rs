@@ -496,3 +496,29 @@ fn a_bind_mount_cannot_follow_a_context_symlink_out_of_the_context() {
         );
     }
 }
+
+#[test]
+fn plain_progress_streams_each_run_line_prefixed_by_image_and_line_and_quiet_shows_none() {
+    let dir = two_level(
+        "",
+        "FROM bb\nENV X=1\nRUN echo first-line && printf 'no newline at the end'\nRUN echo on-stderr >&2\n",
+    );
+    let store = tempfile::tempdir().unwrap();
+    let run = |mode: &str| {
+        let out = ferry(dir.path())
+            .arg("--store")
+            .arg(store.path())
+            .args(["--progress", mode, "build", "--no-cache"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let plain = run("plain");
+    assert!(plain.contains("[child:3] first-line\n"), "{plain}");
+    assert!(plain.contains("[child:3] no newline at the end\n"), "an unfinished line too: {plain}");
+    assert!(plain.contains("[child:4] on-stderr\n"), "{plain}");
+    assert!(plain.contains("[child] line 4: RUN echo on-stderr >&2"), "{plain}");
+    let quiet = run("quiet");
+    assert!(!quiet.contains("first-line") && !quiet.contains("[child]"), "{quiet}");
+}

@@ -409,20 +409,54 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-/// Progress on stderr: a live line per image on a terminal, plain lines otherwise.
+/// Progress on stderr (`--progress`): a live line per image on a terminal, plain lines
+/// otherwise, RUN output included.
 pub(super) struct Progress {
     bars: Option<(indicatif::MultiProgress, Mutex<BTreeMap<String, indicatif::ProgressBar>>)>,
     quiet: bool,
-    verbose: bool,
+    /// Per image: the Dockerfile line running, and the output's unfinished last line.
+    lines: Mutex<BTreeMap<String, (usize, Vec<u8>)>>,
 }
 
 impl Progress {
     pub(super) fn new(printer: &Printer, global: &GlobalArgs) -> Progress {
-        let terminal = std::io::stderr().is_terminal() && !printer.json && !global.quiet;
+        use super::ProgressMode;
+        let mode = match (global.progress, global.quiet) {
+            (Some(mode), _) => mode,
+            (None, true) => ProgressMode::Quiet,
+            (None, false) if std::io::stderr().is_terminal() && !printer.json => ProgressMode::Tty,
+            (None, false) => ProgressMode::Plain,
+        };
         Progress {
-            bars: terminal.then(|| (indicatif::MultiProgress::new(), Mutex::new(BTreeMap::new()))),
-            quiet: global.quiet,
-            verbose: global.verbose > 0,
+            bars: (mode == ProgressMode::Tty)
+                .then(|| (indicatif::MultiProgress::new(), Mutex::new(BTreeMap::new()))),
+            quiet: mode == ProgressMode::Quiet,
+            lines: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Print the complete lines of a RUN's output as `[image:line] text`, keeping an
+    /// unfinished one until the rest comes (or the step ends).
+    fn output(&self, image: &str, bytes: &[u8]) {
+        let Ok(mut lines) = self.lines.lock() else { return };
+        let (line, pending) = lines.entry(image.to_string()).or_default();
+        pending.extend_from_slice(bytes);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let text: Vec<u8> = pending.drain(..=end).collect();
+            eprintln!("[{image}:{line}] {}", String::from_utf8_lossy(&text[..end]).trim_end());
+        }
+    }
+
+    /// A new step of `image`: the rest of the previous step's output first.
+    fn step(&self, image: &str, new_line: Option<usize>) {
+        let Ok(mut lines) = self.lines.lock() else { return };
+        let (line, pending) = lines.entry(image.to_string()).or_default();
+        if !pending.is_empty() {
+            eprintln!("[{image}:{line}] {}", String::from_utf8_lossy(pending).trim_end());
+            pending.clear();
+        }
+        if let Some(l) = new_line {
+            *line = l;
         }
     }
 
@@ -461,21 +495,19 @@ impl Progress {
             (Some(_), FleetEvent::Output { .. }) => {}
             (None, FleetEvent::Started(image)) => eprintln!("[{image}] building"),
             (None, FleetEvent::Step { image, line, text, .. }) => {
+                self.step(image, Some(line));
                 eprintln!("[{image}] line {line}: {text}")
             }
-            (None, FleetEvent::Output { image, bytes }) => {
-                if self.verbose {
-                    for l in String::from_utf8_lossy(bytes).lines() {
-                        eprintln!("[{image}]   | {l}");
+            (None, FleetEvent::Output { image, bytes }) => self.output(image, bytes),
+            (None, FleetEvent::Finished { image, report }) => {
+                self.step(image, None);
+                match report.status {
+                    ImageStatus::Built => {
+                        eprintln!("[{image}] done {}", report.digest.as_deref().unwrap_or_default())
                     }
+                    _ => eprintln!("[{image}] failed"),
                 }
             }
-            (None, FleetEvent::Finished { image, report }) => match report.status {
-                ImageStatus::Built => {
-                    eprintln!("[{image}] done {}", report.digest.as_deref().unwrap_or_default())
-                }
-                _ => eprintln!("[{image}] failed"),
-            },
         }
     }
 

@@ -107,6 +107,19 @@ pub struct GlobalArgs {
     /// More output (-vv for debug logs).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// How build progress shows on stderr: `tty` (a live line per image), `plain` (every
+    /// step and every line a RUN prints, prefixed `[image:line]`, as BuildKit's plain
+    /// progress), `quiet`; default tty on a terminal, plain otherwise.
+    #[arg(long, global = true, value_enum, value_name = "MODE")]
+    pub progress: Option<ProgressMode>,
+}
+
+/// `--progress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    Tty,
+    Plain,
+    Quiet,
 }
 
 impl GlobalArgs {
