@@ -9,6 +9,7 @@ use clap::Args;
 use ferry::build::bases::PinnedBase;
 use ferry::build::shared_cache::SharedCache;
 use ferry::build::{build_fleet, BuildOptions, BuildReport, FleetEvent, ImageStatus};
+use ferry::layer::Epoch;
 use ferry::manifest::{EpochSetting, Manifest};
 use ferry::reference::Reference;
 use ferry::registry::{RegistryClient, RegistryConfig};
@@ -367,15 +368,16 @@ fn load_secret(spec: &str) -> Result<(String, Vec<u8>), String> {
 }
 
 /// SOURCE_DATE_EPOCH from the environment, else images.toml.
-pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<i64, String> {
+pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<Epoch, String> {
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
         return v
             .trim()
             .parse()
+            .map(Epoch::Clamp)
             .map_err(|_| format!("SOURCE_DATE_EPOCH `{v}` is not a number of seconds"));
     }
     match manifest.project.source_date_epoch {
-        EpochSetting::Seconds(s) => Ok(s),
+        EpochSetting::Seconds(s) => Ok(Epoch::Clamp(s)),
         EpochSetting::Git => {
             let out = std::process::Command::new("git")
                 .arg("-C")
@@ -383,7 +385,7 @@ pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<i64, String> {
                 .args(["log", "-1", "--format=%ct"])
                 .output()
                 .map_err(|e| format!("source_date_epoch = \"git\": cannot run git: {e}"))?;
-            String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| {
+            String::from_utf8_lossy(&out.stdout).trim().parse().map(Epoch::Clamp).map_err(|_| {
                 "source_date_epoch = \"git\": the project has no commit to take the time from"
                     .to_string()
             })
