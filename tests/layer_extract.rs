@@ -7,7 +7,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use ferry::layer::{
-    extract_layer, pack_directory, pack_entries, ExtractMode, LayerCompression, LayerEntry,
+    extract_layer, pack_directory, pack_entries, Epoch, ExtractMode, LayerCompression, LayerEntry,
     LayerError, LayerOptions, UpperDirOptions,
 };
 use layer_support::{describe_tree, raw_header, raw_tar, set_mtime};
@@ -15,7 +15,7 @@ use layer_support::{describe_tree, raw_header, raw_tar, set_mtime};
 const EPOCH: i64 = 1_700_000_000;
 
 fn opts() -> LayerOptions {
-    LayerOptions { source_date_epoch: EPOCH, compression: LayerCompression::None }
+    LayerOptions { source_date_epoch: Epoch::Clamp(EPOCH), compression: LayerCompression::None }
 }
 
 fn mknod(path: &Path, kind: libc::mode_t, major: u32, minor: u32) {
@@ -183,7 +183,7 @@ fn apply_mode_deletes_lower_files_but_keeps_the_layers_own() {
 fn a_gzip_layer_is_verified_to_its_end() {
     let (_, mut blob) = pack_entries(
         vec![LayerEntry::bytes("/f", "z".repeat(5000))],
-        &LayerOptions { source_date_epoch: 0, compression: LayerCompression::Gzip },
+        &LayerOptions { source_date_epoch: Epoch::Clamp(0), compression: LayerCompression::Gzip },
         Vec::new(),
     )
     .unwrap();

@@ -7,7 +7,7 @@ use std::io::{BufReader, BufWriter};
 
 use ferry::digest::Digest;
 use ferry::layer::{
-    decompress, extract_layer, pack_entries, recompress, Compression, ExtractMode,
+    decompress, extract_layer, pack_entries, recompress, Compression, Epoch, ExtractMode,
     LayerCompression, LayerEntry, LayerOptions,
 };
 
@@ -34,7 +34,8 @@ fn a_1_gib_layer_streams_in_bounded_memory() {
 
     let zpath = t.path().join("layer.zst");
     let out = BufWriter::new(fs::File::create(&zpath).unwrap());
-    let opts = LayerOptions { source_date_epoch: 0, compression: LayerCompression::Zstd };
+    let opts =
+        LayerOptions { source_date_epoch: Epoch::Clamp(0), compression: LayerCompression::Zstd };
     let (packed, out) = pack_entries(entries, &opts, out).unwrap();
     drop(out);
     assert!(packed.size > GIB, "the whole file went through the tar");

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 
 use ferry::layer::{
-    ensure_snapshot, pack_entries, snapshot_id, LayerCompression, LayerEntry, LayerError,
+    ensure_snapshot, pack_entries, snapshot_id, Epoch, LayerCompression, LayerEntry, LayerError,
     LayerOptions, PackedLayer,
 };
 
@@ -21,7 +21,7 @@ fn layer() -> (PackedLayer, Vec<u8>) {
             LayerEntry::opaque_whiteout("/var/lib"),
             LayerEntry::bytes("/big", vec![7u8; 3 * 1024 * 1024]),
         ],
-        &LayerOptions { source_date_epoch: 0, compression: LayerCompression::Zstd },
+        &LayerOptions { source_date_epoch: Epoch::Clamp(0), compression: LayerCompression::Zstd },
         Vec::new(),
     )
     .unwrap()

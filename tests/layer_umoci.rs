@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use ferry::layer::{
-    decompress, extract_layer, pack_directory, pack_entries, ExtractMode, LayerCompression,
+    decompress, extract_layer, pack_directory, pack_entries, Epoch, ExtractMode, LayerCompression,
     LayerEntry, LayerOptions, PackedLayer, UpperDirOptions,
 };
 use layer_support::{describe_tree, run, write_oci_layout};
@@ -21,7 +21,7 @@ fn mknod_whiteout(path: &Path) {
 }
 
 fn layers(compression: LayerCompression, t: &Path) -> Vec<(PackedLayer, Vec<u8>)> {
-    let opts = LayerOptions { source_date_epoch: EPOCH, compression };
+    let opts = LayerOptions { source_date_epoch: Epoch::Clamp(EPOCH), compression };
     let base = pack_entries(
         vec![
             LayerEntry::dir("/etc"),

@@ -249,3 +249,28 @@ fn dockerfile_syntax_error_names_file_and_line() {
     let err = Graph::build(&m, &Default::default()).unwrap_err();
     assert!(err.to_string().starts_with("a/Dockerfile:2:"), "{err}");
 }
+
+#[test]
+fn source_date_epoch_takes_seconds_git_or_none() {
+    use ferry::manifest::EpochSetting;
+    let dir = project(&[]);
+    let setting = |value: &str| {
+        let toml = format!("[project]\nname = \"acme\"\n{value}\n");
+        let m = Manifest::from_source(SourceFile::new("images.toml", toml), dir.path()).unwrap();
+        m.project.source_date_epoch
+    };
+    assert_eq!(setting(""), EpochSetting::Auto);
+    assert_eq!(setting("source_date_epoch = 0"), EpochSetting::Seconds(0));
+    assert_eq!(setting("source_date_epoch = 1700000000"), EpochSetting::Seconds(1_700_000_000));
+    assert_eq!(setting("source_date_epoch = \"git\""), EpochSetting::Git);
+    assert_eq!(setting("source_date_epoch = \"none\""), EpochSetting::Unset);
+    for bad in ["\"today\"", "-1"] {
+        let toml = format!("{HEAD}source_date_epoch = {bad}\n");
+        let (line, col, msg, _) = one_problem(dir.path(), &toml);
+        assert_eq!(
+            (line, col, msg.as_str()),
+            (3, 21, "source_date_epoch must be \"git\", \"none\" or a non-negative integer"),
+            "{bad}"
+        );
+    }
+}

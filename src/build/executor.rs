@@ -156,7 +156,7 @@ pub enum ProgressEvent<'a> {
 
 impl Executor<'_> {
     fn created(&self) -> String {
-        chrono::DateTime::from_timestamp(self.options.source_date_epoch, 0)
+        chrono::DateTime::from_timestamp(self.options.source_date_epoch.created(), 0)
             .unwrap_or_default()
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     }
@@ -1815,5 +1815,10 @@ fn copy_entry(
         (_, Some(m)) => m,
         _ => item.mode,
     };
-    Ok(entry.with_mode(mode).with_owner(uid, gid))
+    let entry = entry.with_mode(mode).with_owner(uid, gid);
+    // The source's mtime, as docker keeps it; the layer clamps it to the epoch, if any.
+    Ok(match item.mtime {
+        Some(mtime) => entry.with_mtime(mtime),
+        None => entry,
+    })
 }

@@ -31,8 +31,9 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// A failed image fails only its descendants.
     pub keep_going: bool,
-    /// mtimes in layers and `created` in configs.
-    pub source_date_epoch: i64,
+    /// mtimes in layers (clamped to SOURCE_DATE_EPOCH, or kept) and `created` in configs
+    /// and history (the epoch, or the build's start).
+    pub source_date_epoch: crate::layer::Epoch,
     pub compression: crate::layer::LayerCompression,
     /// `os/arch`.
     pub platform: String,

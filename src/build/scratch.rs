@@ -91,7 +91,8 @@ pub fn bind_source(
     }
 }
 
-/// Copy a file or directory tree, symlinks as symlinks (special files are left out).
+/// Copy a file or directory tree, symlinks as symlinks (special files are left out), with
+/// modes and mtimes (what `make` and the like in the RUN step look at).
 fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     let meta = fs::symlink_metadata(from)?;
     if meta.is_dir() {
@@ -100,13 +101,15 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
             let entry = entry?;
             copy_tree(&entry.path(), &to.join(entry.file_name()))?;
         }
-        fs::set_permissions(to, meta.permissions())
+        fs::set_permissions(to, meta.permissions())?;
     } else if meta.file_type().is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(from)?, to)
+        std::os::unix::fs::symlink(fs::read_link(from)?, to)?;
     } else if meta.is_file() {
-        fs::copy(from, to).map(|_| ())
+        fs::copy(from, to)?;
     } else {
         // A fifo or socket in the context: reading it would block or fail; leave it out.
-        Ok(())
+        return Ok(());
     }
+    let mtime = filetime::FileTime::from_last_modification_time(&meta);
+    filetime::set_symlink_file_times(to, mtime, mtime)
 }

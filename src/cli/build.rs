@@ -9,6 +9,7 @@ use clap::Args;
 use ferry::build::bases::PinnedBase;
 use ferry::build::shared_cache::SharedCache;
 use ferry::build::{build_fleet, BuildOptions, BuildReport, FleetEvent, ImageStatus};
+use ferry::layer::Epoch;
 use ferry::manifest::{EpochSetting, Manifest};
 use ferry::reference::Reference;
 use ferry::registry::{RegistryClient, RegistryConfig};
@@ -369,29 +370,50 @@ fn load_secret(spec: &str) -> Result<(String, Vec<u8>), String> {
     Ok((id, value))
 }
 
-/// SOURCE_DATE_EPOCH from the environment, else images.toml.
-pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<i64, String> {
+/// The build's epoch: SOURCE_DATE_EPOCH from the environment, else images.toml's
+/// `source_date_epoch`, whose default is the HEAD commit's time in a git checkout and no
+/// epoch (mtimes kept, as docker does) outside one. Without an epoch, what the build
+/// creates gets the time it started.
+pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<Epoch, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
         return v
             .trim()
             .parse()
+            .map(Epoch::Clamp)
             .map_err(|_| format!("SOURCE_DATE_EPOCH `{v}` is not a number of seconds"));
     }
     match manifest.project.source_date_epoch {
-        EpochSetting::Seconds(s) => Ok(s),
-        EpochSetting::Git => {
-            let out = std::process::Command::new("git")
-                .arg("-C")
-                .arg(&manifest.root)
-                .args(["log", "-1", "--format=%ct"])
-                .output()
-                .map_err(|e| format!("source_date_epoch = \"git\": cannot run git: {e}"))?;
-            String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| {
-                "source_date_epoch = \"git\": the project has no commit to take the time from"
-                    .to_string()
-            })
-        }
+        EpochSetting::Seconds(s) => Ok(Epoch::Clamp(s)),
+        EpochSetting::Unset => Ok(Epoch::Unset { now }),
+        EpochSetting::Git => head_commit_time(&manifest.root)
+            .map(Epoch::Clamp)
+            .map_err(|e| format!("source_date_epoch = \"git\": {e}")),
+        EpochSetting::Auto => match head_commit_time(&manifest.root) {
+            Ok(t) => Ok(Epoch::Clamp(t)),
+            Err(why) => {
+                tracing::debug!("no SOURCE_DATE_EPOCH: {why}; mtimes are kept");
+                Ok(Epoch::Unset { now })
+            }
+        },
     }
+}
+
+/// The committer time of HEAD of the git work tree `dir` is in.
+fn head_commit_time(dir: &std::path::Path) -> Result<i64, String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["log", "-1", "--format=%ct"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| "the project has no commit to take the time from".to_string())
 }
 
 pub fn human_size(bytes: u64) -> String {

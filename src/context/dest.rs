@@ -45,6 +45,9 @@ pub struct CopyItem {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
+    /// Modification time of the source (seconds since 1970), which the layer keeps (clamped
+    /// to SOURCE_DATE_EPOCH, if any); `None` for a parent the copy creates.
+    pub mtime: Option<i64>,
     pub link_target: Option<PathBuf>,
     /// If the image already has a directory here, keep it and its metadata (true for parent
     /// directories and for the directory a directory source's contents are copied into).
@@ -184,6 +187,7 @@ fn copy_item(entry: &Entry, target: String) -> CopyItem {
         uid: entry.uid,
         gid: entry.gid,
         size: entry.size,
+        mtime: Some(entry.stat.mtime()),
         link_target: entry.link_target.clone(),
         keep_existing: false,
     }
@@ -198,6 +202,7 @@ fn parent_dir(target: String) -> CopyItem {
         uid: 0,
         gid: 0,
         size: 0,
+        mtime: None,
         link_target: None,
         keep_existing: true,
     }

@@ -47,6 +47,11 @@ pub struct FileStat {
 }
 
 impl FileStat {
+    /// The modification time in whole seconds (rounded down, as tar and `stat -c %Y` do).
+    pub fn mtime(&self) -> i64 {
+        self.mtime_ns.div_euclid(1_000_000_000)
+    }
+
     pub(crate) fn of(meta: &Metadata) -> FileStat {
         FileStat {
             dev: meta.dev(),

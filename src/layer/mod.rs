@@ -34,7 +34,7 @@ pub use pack_dir::{directory_entries, pack_directory, IdMapping, OverlayXattrs, 
 pub use reader::looks_like_tar;
 pub use sink::{pack_entries, recompress, LayerOptions, LayerSink, PackedLayer};
 pub use snapshot::{ensure_snapshot, prune_snapshots, snapshot_id};
-pub use writer::write_tar;
+pub use writer::{write_tar, Epoch};
 
 use crate::digest::Digest;
 

@@ -320,7 +320,7 @@ fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::{write_tar, LayerEntry};
+    use crate::layer::{write_tar, Epoch, LayerEntry};
 
     fn read_all(tar: &[u8]) -> Result<Vec<(Header, Vec<u8>)>, LayerError> {
         let mut r = TarReader::new(tar);
@@ -352,7 +352,7 @@ mod tests {
                 LayerEntry::symlink("s", "x".repeat(150)),
                 LayerEntry::dir("d"),
             ],
-            100,
+            Epoch::Clamp(100),
             &mut tar,
         )
         .unwrap();
@@ -389,7 +389,8 @@ mod tests {
     #[test]
     fn truncated_data_is_an_error() {
         let mut tar = Vec::new();
-        write_tar(vec![LayerEntry::bytes("f", vec![7u8; 2000])], 0, &mut tar).unwrap();
+        write_tar(vec![LayerEntry::bytes("f", vec![7u8; 2000])], Epoch::Clamp(0), &mut tar)
+            .unwrap();
         let err = read_all(&tar[..1200]).unwrap_err().to_string();
         assert!(err.contains("truncated"), "{err}");
     }
@@ -397,7 +398,7 @@ mod tests {
     #[test]
     fn tar_sniffing() {
         let mut tar = Vec::new();
-        write_tar(vec![LayerEntry::bytes("a", "x")], 0, &mut tar).unwrap();
+        write_tar(vec![LayerEntry::bytes("a", "x")], Epoch::Clamp(0), &mut tar).unwrap();
         assert!(looks_like_tar(&tar[..512]));
         assert!(!looks_like_tar(&[0u8; 512]));
         assert!(!looks_like_tar(&[b'a'; 512]));

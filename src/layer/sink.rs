@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::compress::{decompressing_reader, Compression, Encoder, LayerCompression};
 use super::entry::LayerEntry;
-use super::writer::write_tar;
+use super::writer::{write_tar, Epoch};
 use super::LayerError;
 use crate::digest::{Digest, HashingWriter};
 
@@ -29,8 +29,8 @@ pub struct PackedLayer {
 /// Options for packing a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerOptions {
-    /// Every mtime in the layer is clamped to this (seconds since the epoch).
-    pub source_date_epoch: i64,
+    /// How the layer's mtimes are set: clamped to SOURCE_DATE_EPOCH, or kept.
+    pub source_date_epoch: Epoch,
     pub compression: LayerCompression,
 }
 
@@ -135,7 +135,7 @@ mod tests {
     use super::*;
 
     fn opts(compression: LayerCompression) -> LayerOptions {
-        LayerOptions { source_date_epoch: 0, compression }
+        LayerOptions { source_date_epoch: Epoch::Clamp(0), compression }
     }
 
     #[test]

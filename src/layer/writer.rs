@@ -15,9 +15,49 @@ use super::LayerError;
 /// small enough not to matter for memory.
 const COPY_BUF: usize = 256 * 1024;
 
+/// The timestamps of a build: its SOURCE_DATE_EPOCH, or none and the time the build started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epoch {
+    /// SOURCE_DATE_EPOCH (seconds since 1970): a later mtime is clamped to it (BuildKit's
+    /// rewrite-timestamp), an entry without an mtime of its own gets it, and so do the
+    /// config's `created` and history.
+    Clamp(i64),
+    /// No epoch, as docker builds without SOURCE_DATE_EPOCH: mtimes are kept as they are;
+    /// an entry without one (a directory the build creates) gets `now`, the build's start
+    /// (seconds since 1970), as do `created` and history.
+    Unset { now: i64 },
+}
+
+impl Epoch {
+    /// The mtime an entry whose own is `mtime` is written with.
+    pub fn mtime(self, mtime: Option<i64>) -> i64 {
+        match (self, mtime) {
+            (Epoch::Clamp(epoch), Some(m)) => m.min(epoch),
+            (Epoch::Clamp(epoch), None) => epoch,
+            (Epoch::Unset { now }, m) => m.unwrap_or(now),
+        }
+    }
+
+    /// The time of things the build creates: the epoch, else the build's start.
+    pub fn created(self) -> i64 {
+        match self {
+            Epoch::Clamp(epoch) => epoch,
+            Epoch::Unset { now } => now,
+        }
+    }
+
+    /// The epoch mtimes are clamped to, if any.
+    pub fn clamp(self) -> Option<i64> {
+        match self {
+            Epoch::Clamp(epoch) => Some(epoch),
+            Epoch::Unset { .. } => None,
+        }
+    }
+}
+
 /// Write `entries` as one uncompressed tar stream to `out`, in the canonical order, with
-/// mtimes clamped to `source_date_epoch`. Equal entries (and equal host file contents)
-/// give byte-identical output whatever their order in `entries`.
+/// mtimes as `epoch` says (see [`Epoch::mtime`]). Equal entries (and equal host file
+/// contents) give byte-identical output whatever their order in `entries`.
 ///
 /// Entries are checked first, before anything is written: a path given twice, a path
 /// that is both whited-out and present, an entry below a non-directory or below a
@@ -25,12 +65,12 @@ const COPY_BUF: usize = 256 * 1024;
 /// use the reserved `.wh.` prefix are all errors naming the path.
 pub fn write_tar<W: Write>(
     entries: Vec<LayerEntry>,
-    source_date_epoch: i64,
+    epoch: Epoch,
     out: &mut W,
 ) -> Result<(), LayerError> {
     let plan = Plan::new(&entries)?;
     let mut buf = vec![0u8; COPY_BUF];
-    let mut em = Emitter { out, epoch: source_date_epoch };
+    let mut em = Emitter { out, epoch };
     for &i in &plan.order {
         let tar_path = &plan.tar_paths[i];
         match plan.link_role(i) {
@@ -258,7 +298,7 @@ fn lossy(b: &[u8]) -> String {
 
 struct Emitter<'w, W> {
     out: &'w mut W,
-    epoch: i64,
+    epoch: Epoch,
 }
 
 impl<W: Write> Emitter<'_, W> {
@@ -337,7 +377,7 @@ impl<W: Write> Emitter<'_, W> {
         linkname: &[u8],
         (major, minor): (u32, u32),
     ) -> Result<(), LayerError> {
-        let mtime = e.mtime.unwrap_or(self.epoch).min(self.epoch);
+        let mtime = self.epoch.mtime(e.mtime);
         let mut pax = Vec::new();
         let mut binary = false;
 
@@ -433,7 +473,7 @@ mod tests {
 
     fn tar_of(entries: Vec<LayerEntry>) -> Vec<u8> {
         let mut out = Vec::new();
-        write_tar(entries, 1000, &mut out).unwrap();
+        write_tar(entries, Epoch::Clamp(1000), &mut out).unwrap();
         out
     }
 
@@ -464,17 +504,39 @@ mod tests {
         assert_eq!(names(&ta), vec!["a/", "a/.wh.gone", "a-b", "b/", "b/x"]);
     }
 
-    #[test]
-    fn mtime_is_clamped_to_the_epoch() {
-        let t = tar_of(vec![
+    fn mtimes(epoch: Epoch) -> Vec<u64> {
+        let mut t = Vec::new();
+        let entries = vec![
             LayerEntry::bytes("new", "").with_mtime(5000),
             LayerEntry::bytes("old", "").with_mtime(10),
             LayerEntry::bytes("unset", ""),
-        ]);
+            LayerEntry::dir("zero").with_mtime(0),
+        ];
+        write_tar(entries, epoch, &mut t).unwrap();
         let mut a = tar::Archive::new(&t[..]);
-        let m: Vec<u64> =
-            a.entries().unwrap().map(|e| e.unwrap().header().mtime().unwrap()).collect();
-        assert_eq!(m, vec![1000, 10, 1000]);
+        a.entries().unwrap().map(|e| e.unwrap().header().mtime().unwrap()).collect()
+    }
+
+    #[test]
+    fn mtime_is_clamped_to_the_epoch() {
+        // new, old, unset, zero: later mtimes clamp, earlier ones stay, no mtime is the epoch.
+        assert_eq!(mtimes(Epoch::Clamp(1000)), vec![1000, 10, 1000, 0]);
+        // An epoch of 0 is an explicit ask for 1970 everywhere.
+        assert_eq!(mtimes(Epoch::Clamp(0)), vec![0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn without_an_epoch_mtimes_are_kept_and_unset_ones_are_the_build_time() {
+        assert_eq!(mtimes(Epoch::Unset { now: 7000 }), vec![5000, 10, 7000, 0]);
+        // `now` is no clamp: an mtime after the build's start stays.
+        assert_eq!(mtimes(Epoch::Unset { now: 20 }), vec![5000, 10, 20, 0]);
+    }
+
+    #[test]
+    fn epoch_gives_created_and_clamp() {
+        assert_eq!((Epoch::Clamp(5).created(), Epoch::Clamp(5).clamp()), (5, Some(5)));
+        let unset = Epoch::Unset { now: 9 };
+        assert_eq!((unset.created(), unset.clamp()), (9, None));
     }
 
     #[test]
@@ -492,7 +554,9 @@ mod tests {
             (vec![LayerEntry::hardlink("a", "b"), LayerEntry::hardlink("b", "a")], "cycle"),
         ];
         for (entries, want) in cases {
-            let err = write_tar(entries.clone(), 0, &mut Vec::new()).unwrap_err().to_string();
+            let err = write_tar(entries.clone(), Epoch::Clamp(0), &mut Vec::new())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{entries:?}: {err}");
         }
     }
@@ -551,7 +615,7 @@ mod tests {
     fn sizes_and_mtimes_beyond_ustar_go_to_pax() {
         let mut out = Vec::new();
         let e = LayerEntry::bytes("big", "").with_mtime(-5);
-        let mut em = Emitter { out: &mut out, epoch: 1000 };
+        let mut em = Emitter { out: &mut out, epoch: Epoch::Clamp(1000) };
         em.header(b"big", typeflag::REGULAR, &e, 9 << 30, b"", (0, 0)).unwrap();
         let mut r = crate::layer::reader::TarReader::new(&out[..]);
         let h = r.next_entry().unwrap().unwrap();

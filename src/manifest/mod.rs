@@ -34,12 +34,17 @@ pub struct Project {
     pub compression: Compression,
 }
 
-/// Where SOURCE_DATE_EPOCH comes from.
+/// Where SOURCE_DATE_EPOCH comes from (the environment variable wins over all of these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EpochSetting {
+    /// Not set: the time of the HEAD commit when the project is in a git checkout with a
+    /// commit, else no epoch.
+    Auto,
     Seconds(i64),
-    /// The time of the last git commit of the project.
+    /// The time of the HEAD commit; an error without one.
     Git,
+    /// "none": no epoch; mtimes are kept, as docker does.
+    Unset,
 }
 
 #[derive(Debug, Clone)]
@@ -475,18 +480,20 @@ impl Validator<'_> {
             self.problem(raw.project.name.span(), format!("invalid project name `{name}`: {why}"), "invalid name", Some("the project name is the first part of every default repository: lowercase letters, digits, '.', '_' and '-'".into()));
         }
         let source_date_epoch = match &raw.project.source_date_epoch {
-            None => EpochSetting::Seconds(0),
+            None => EpochSetting::Auto,
             Some(s) => match s.get_ref() {
                 SourceDateEpoch::Seconds(n) if *n >= 0 => EpochSetting::Seconds(*n),
                 SourceDateEpoch::Keyword(k) if k == "git" => EpochSetting::Git,
+                SourceDateEpoch::Keyword(k) if k == "none" => EpochSetting::Unset,
                 _ => {
                     self.problem(
                         s.span(),
-                        "source_date_epoch must be \"git\" or a non-negative integer".into(),
+                        "source_date_epoch must be \"git\", \"none\" or a non-negative integer"
+                            .into(),
                         "invalid value",
                         None,
                     );
-                    EpochSetting::Seconds(0)
+                    EpochSetting::Auto
                 }
             },
         };

@@ -32,7 +32,8 @@ pub struct ProjectSection {
     /// Project name; the default repository of an image is `<name>/<image>`.
     #[schemars(with = "String")]
     pub name: Spanned<String>,
-    /// "git" (time of the last commit) or seconds since the epoch; default 0.
+    /// Seconds since 1970, "git" (the time of the HEAD commit) or "none" (mtimes kept, as
+    /// docker does); mtimes are clamped to it. Default: "git" in a git checkout, else "none".
     #[serde(default)]
     #[schemars(with = "Option<SourceDateEpoch>")]
     pub source_date_epoch: Option<Spanned<SourceDateEpoch>>,
@@ -46,7 +47,7 @@ pub struct ProjectSection {
 pub enum SourceDateEpoch {
     /// Seconds since 1970-01-01.
     Seconds(i64),
-    /// Only "git" is accepted.
+    /// "git" or "none".
     Keyword(String),
 }
 

@@ -8,7 +8,8 @@
 //! - `revision` is the last commit that touched the image's context or Dockerfile, not
 //!   HEAD: with HEAD every commit anywhere would change every digest, and `ferry check`
 //!   would demand a bump of every image on every commit;
-//! - `created` is the build's SOURCE_DATE_EPOCH time, as the config's `created`.
+//! - `created` is the build's SOURCE_DATE_EPOCH time, as the config's `created` (the
+//!   build's start when no epoch applies, as docker's).
 //!
 //! Precedence: images.toml `labels` win over everything; then the values ferry knows
 //! (version, revision, created, base.*); `title` and `source` only fill a gap, so a

@@ -238,7 +238,7 @@ impl Variants {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::{pack_entries, LayerEntry, LayerOptions};
+    use crate::layer::{pack_entries, Epoch, LayerEntry, LayerOptions};
     use crate::oci::{media_type, ImageConfig};
 
     fn image(
@@ -252,7 +252,7 @@ mod tests {
                 vec![LayerEntry::bytes(format!("f{i}"), format!("content {i}").repeat(100))];
             let (packed, blob) = pack_entries(
                 entries,
-                &LayerOptions { source_date_epoch: 0, compression },
+                &LayerOptions { source_date_epoch: Epoch::Clamp(0), compression },
                 Vec::new(),
             )
             .unwrap();
