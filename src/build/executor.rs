@@ -916,7 +916,7 @@ impl Executor<'_> {
                                     if archive.implied_dirs.contains(&path) {
                                         layer.created_dir(&path).map_err(&err)?;
                                     } else {
-                                        layer.put(e).map_err(&err)?;
+                                        layer.put_extracted(e).map_err(&err)?;
                                     }
                                 }
                                 staging.push(archive.staging);
@@ -1686,7 +1686,20 @@ impl CopyLayer<'_> {
     }
 
     /// Write one entry whose parents exist (or are planned); returns the path it took.
-    fn put(&mut self, mut entry: LayerEntry) -> Result<String, String> {
+    fn put(&mut self, entry: LayerEntry) -> Result<String, String> {
+        self.put_through(entry, false)
+    }
+
+    /// `put` for an entry of an ADDed archive: a directory of the archive where the image
+    /// has a symlink to a directory goes into the link's target (a tar holding `var/run/`
+    /// on a base where /var/run → /run), as docker's untar does today
+    /// (testDockerfileAddArchiveThroughAbsoluteSymlink). COPY still refuses that case
+    /// ("cannot copy to non-directory"), as BuildKit's copier does.
+    fn put_extracted(&mut self, entry: LayerEntry) -> Result<String, String> {
+        self.put_through(entry, true)
+    }
+
+    fn put_through(&mut self, mut entry: LayerEntry, dir_links: bool) -> Result<String, String> {
         // The entry lands where its parent resolves to in the image: a copy through a
         // symlinked directory writes into the link's target, as BuildKit's copier does.
         let raw = strip_root(&entry.path.to_string_lossy());
@@ -1703,11 +1716,10 @@ impl CopyLayer<'_> {
             Some(PathKind::Dir) if !is_dir => {
                 return Err(format!("cannot replace directory /{path} of the image with a file"))
             }
-            // A directory onto a symlink to a directory goes into the link's target (the
-            // tar of an ADD holding var/run/ on a base where /var/run → /run), as current
-            // BuildKit does (testDockerfileAddArchiveThroughAbsoluteSymlink).
             Some(PathKind::Symlink(_))
-                if is_dir && self.image.is_dir(&self.image.resolve(&format!("/{path}"))?) =>
+                if dir_links
+                    && is_dir
+                    && self.image.is_dir(&self.image.resolve(&format!("/{path}"))?) =>
             {
                 return Ok(path)
             }
