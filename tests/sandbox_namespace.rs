@@ -46,6 +46,11 @@ impl Fixture {
                 std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
             }
         }
+        // What every real image has: the runtime's mount points and an /etc for resolv.conf
+        // and hosts (a mount point the image lacks stays in the layer, as docker keeps it).
+        for d in ["dev", "proc", "sys", "etc"] {
+            std::fs::create_dir(lower.join(d)).unwrap();
+        }
         extra(&lower);
         let upper = dir.path().join("upper");
         let work = dir.path().join("work");
@@ -325,15 +330,10 @@ fn root_can_make_device_nodes_but_open_only_the_default_devices() {
 }
 
 #[test]
-fn resolv_conf_hosts_and_mount_targets_leave_no_trace() {
+fn resolv_conf_and_hosts_leave_no_trace_and_new_mount_points_stay_empty() {
     let fixture = Fixture::with_lower(|lower| {
-        std::fs::create_dir(lower.join("etc")).unwrap();
         std::fs::write(lower.join("etc/os-release"), b"ID=test\n").unwrap();
         std::fs::create_dir(lower.join("var")).unwrap();
-        // Mount points the image has are used as they are.
-        for dir in ["dev", "proc", "sys"] {
-            std::fs::create_dir(lower.join(dir)).unwrap();
-        }
     });
     let host_files = fixture.dir.path().join("host-files");
     std::fs::create_dir(&host_files).unwrap();
@@ -356,9 +356,15 @@ fn resolv_conf_hosts_and_mount_targets_leave_no_trace() {
         assert!(output.lines().any(|l| l == device), "no /dev/{device} in {output}");
     }
     assert!(output.ends_with("3\n"), "{output}");
-    // The image's /etc and /var were copied up to create mount points in them; with the
-    // mount points gone they are unchanged, and must not be in the layer either.
-    assert_eq!(fixture.upper_tree().paths(), Vec::<&str>::new());
+    // The image's /etc was copied up to create resolv.conf and hosts stubs in it; with the
+    // stubs gone it is unchanged, and is not in the layer. The mount points the image
+    // lacked stay, empty and 0755, as docker leaves them.
+    let tree = fixture.upper_tree();
+    assert_eq!(
+        tree.paths(),
+        vec!["scratch", "scratch/deep", "src", "var", "var/cache", "var/cache/pkg"]
+    );
+    assert!(tree.get("var/cache/pkg").starts_with("dir mode=755 owner=0:0"), "{tree:?}");
     assert_eq!(std::fs::read(cache.join("x")).unwrap(), b"cached\n");
     assert_eq!(Tree::of(&host_files).paths(), vec!["input"]);
 }
@@ -366,7 +372,6 @@ fn resolv_conf_hosts_and_mount_targets_leave_no_trace() {
 #[test]
 fn host_resolv_conf_and_hosts_are_visible_read_only() {
     let fixture = Fixture::with_lower(|lower| {
-        std::fs::create_dir(lower.join("etc")).unwrap();
         std::fs::write(lower.join("etc/hosts"), b"image hosts\n").unwrap();
     });
     let output = run_ok(
@@ -422,13 +427,14 @@ fn a_cache_mount_persists_across_runs_and_never_enters_the_layer() {
     let mut spec = fixture.spec(script);
     spec.mounts = vec![RunMount::Cache { host_dir: cache.clone(), target: "/root/.cache".into() }];
     assert_eq!(run_ok(&fixture, &spec), "1\n");
-    assert!(fixture.upper_tree().paths().is_empty());
+    // Only the mount point stays, empty, as docker leaves it.
+    assert_eq!(fixture.upper_tree().paths(), vec!["root", "root/.cache"]);
 
     fixture.next_layer("second");
     spec.upper_dir = fixture.upper.clone();
     spec.work_dir = fixture.work.clone();
     assert_eq!(run_ok(&fixture, &spec), "2\n");
-    assert!(fixture.upper_tree().paths().is_empty());
+    assert_eq!(fixture.upper_tree().paths(), vec!["root", "root/.cache"]);
     assert_eq!(std::fs::read(cache.join("log")).unwrap(), b"run\nrun\n");
 }
 
@@ -449,8 +455,9 @@ fn a_secret_is_readable_inside_and_absent_afterwards() {
     }];
     let output = run_ok(&fixture, &spec);
     assert_eq!(output, "s3cr3t-value\n440 0:42\nread-only\n");
-    // A copy the command made on purpose is its business; the mount point is not.
-    assert_eq!(fixture.upper_tree().paths(), vec!["copied"]);
+    // A copy the command made on purpose is its business; the secret's stub file is not
+    // (its directory stays, as docker leaves it).
+    assert_eq!(fixture.upper_tree().paths(), vec!["copied", "run", "run/secrets"]);
 }
 
 #[test]
@@ -473,7 +480,11 @@ fn from_scratch_with_a_bind_mounted_busybox() {
     for entry in ["busybox", "dev", "etc", "out", "proc", "sys"] {
         assert!(listed.contains(&entry), "{entry} missing in {output}");
     }
-    assert_eq!(Tree::of(&scratch_upper).paths(), vec!["out"]);
+    // The mount points a scratch image lacks stay, as docker's runtime leaves them.
+    assert_eq!(
+        Tree::of(&scratch_upper).paths(),
+        vec!["busybox", "dev", "etc", "out", "proc", "sys"]
+    );
 }
 
 #[test]
@@ -554,7 +565,6 @@ fn rootless_runs_as_mapped_root_or_says_why_it_cannot() {
         std::fs::write(lower.join("data/old"), b"old").unwrap();
         std::fs::create_dir_all(lower.join("srv/sub")).unwrap();
         std::fs::write(lower.join("srv/sub/f"), b"f").unwrap();
-        std::fs::create_dir(lower.join("etc")).unwrap();
         for entry in walkdir::WalkDir::new(lower) {
             let entry = entry.unwrap();
             std::os::unix::fs::lchown(entry.path(), Some(NOBODY), Some(NOBODY)).unwrap();
@@ -592,7 +602,7 @@ fn rootless_runs_as_mapped_root_or_says_why_it_cannot() {
     assert_eq!((&outcome.uid_map, &outcome.gid_map), (&only_nobody, &only_nobody));
     assert_eq!(output, "0\nrootless-secret\n1\n2\n");
     let upper = fixture.upper_tree();
-    assert_eq!(upper.paths(), vec!["data", "data/old", "newfile", "srv"]);
+    assert_eq!(upper.paths(), vec!["data", "data/old", "newfile", "run", "run/secrets", "srv"]);
     assert!(upper.get("newfile").contains("owner=65534:65534"), "{upper:?}");
     assert!(is_whiteout(&std::fs::symlink_metadata(fixture.upper.join("data/old")).unwrap()));
     assert!(OverlayXattrs::User.is_opaque_dir(&fixture.upper.join("srv")).unwrap());
@@ -689,15 +699,17 @@ fn an_image_symlink_cannot_point_a_mount_point_into_the_host() {
     let host_dir = tempfile::tempdir().unwrap();
     let escape = host_dir.path().join("stub-resolv.conf");
     let fixture = Fixture::with_lower(|lower| {
-        std::fs::create_dir(lower.join("etc")).unwrap();
         // As systemd-resolved images have it, but pointing at a host path.
         std::os::unix::fs::symlink(&escape, lower.join("etc/resolv.conf")).unwrap();
     });
     let output = run_ok(&fixture, &fixture.spec("cat /etc/resolv.conf > /dev/null && echo ok"));
     assert_eq!(output, "ok\n");
     assert!(!escape.exists(), "the mount point was created on the host");
-    // The stub made at the link's in-image target is gone too.
-    assert!(fixture.upper_tree().paths().is_empty(), "{:?}", fixture.upper_tree());
+    // The stub file made at the link's in-image target is gone too; the directories made
+    // for it stay, as new mount-point directories do.
+    let tree = fixture.upper_tree();
+    assert!(tree.0.values().all(|e| e.starts_with("dir")), "{tree:?}");
+    assert!(!tree.paths().is_empty(), "the stub's directories are kept");
 }
 
 #[test]

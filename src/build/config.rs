@@ -160,6 +160,7 @@ fn apply_inner(
             let argv = command_argv(cmd, &config.shell);
             // `CMD []` removes the command, as docker records it (no Cmd at all).
             config.cmd = (!argv.is_empty()).then(|| argv.clone());
+            // docker's frontend sets ArgsEscaped after every CMD, whatever its form.
             config.args_escaped = true;
             flags.cmd_set = true;
             format!("CMD {}", history::quoted_list(&argv))
@@ -167,8 +168,7 @@ fn apply_inner(
         Kind::Entrypoint(cmd) => {
             let argv = command_argv(cmd, &config.shell);
             config.entrypoint = (!argv.is_empty()).then(|| argv.clone());
-            // BuildKit sets ArgsEscaped after every CMD and ENTRYPOINT.
-            config.args_escaped = true;
+            // Only CMD sets ArgsEscaped in docker's frontend; ENTRYPOINT leaves it as it is.
             if !flags.cmd_set {
                 config.cmd = None;
             }

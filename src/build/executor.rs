@@ -675,14 +675,16 @@ impl Executor<'_> {
                                 err(format!(
                                     "{keyword} --chmod={v}: expected an octal mode from 0 to 7777, like 755"
                                 ))
-                            })?,
+                            })?
+                            // docker's frontend hands the mode on as a Go FileMode, in which
+                            // 0o7000 are no setuid/setgid/sticky bits: 4755 gives 0755.
+                            & 0o777,
                     )
                 }
                 ("link", v) => link = v.as_deref().is_none_or(|v| v != "false"),
                 ("exclude", Some(v)) => excludes.push(v),
                 ("checksum", Some(v)) if is_add => {
-                    v.parse::<Digest>()
-                        .map_err(|e| err(format!("ADD --checksum={v}: {e}")))?;
+                    v.parse::<Digest>().map_err(|e| err(format!("ADD --checksum={v}: {e}")))?;
                     checksum = Some(v)
                 }
                 ("parents", _) => {
@@ -735,13 +737,6 @@ impl Executor<'_> {
                 "ADD --checksum needs exactly one http:// or https:// source (it checks a download)"
                     .into(),
             ));
-        }
-        // As docker documents: several sources need a directory destination, spelled so.
-        if path_sources.len() + heredocs.len() + urls.len() > 1 && !dir_syntax(&dest) {
-            return Err(err(format!(
-                "{keyword} to {dest:?}: when using {keyword} with more than one source, the \
-                 destination must be a directory and end with a /"
-            )));
         }
         let owner = match &chown {
             None => None,
@@ -1676,10 +1671,10 @@ impl CopyLayer<'_> {
                 }
                 None => {}
             }
+            // 0755 even with --chmod: docker's copier creates the directories on the way (and
+            // the one a directory source's contents go into) before it applies the mode.
             let (uid, gid) = self.owner.unwrap_or((0, 0));
-            let entry = LayerEntry::dir(prefix.clone())
-                .with_mode(self.chmod.unwrap_or(0o755))
-                .with_owner(uid, gid);
+            let entry = LayerEntry::dir(prefix.clone()).with_mode(0o755).with_owner(uid, gid);
             self.entries.insert(prefix.clone(), entry);
         }
         Ok(())

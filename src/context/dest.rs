@@ -1,8 +1,12 @@
 //! Where COPY/ADD puts what it selected, with docker's rules:
 //! - a relative destination is resolved against WORKDIR;
 //! - the destination is a directory when it ends with `/` (or is `.`, or is `/`), or when it
-//!   already is one in the image; several sources (or a glob matching several) require the
-//!   trailing `/`, as docker says;
+//!   already is one in the image, or once an earlier source of the same COPY made it one.
+//!   Several sources without the trailing `/` are copied onto the destination one after the
+//!   other, as BuildKit does (the Dockerfile reference asks for the `/`; docker never
+//!   enforced it): files replace each other, the last wins; a directory source makes the
+//!   destination a directory that later files go into; a directory onto a file an earlier
+//!   source wrote is an error;
 //! - a directory source copies its *contents* into the destination, not itself;
 //! - a file copied into a directory keeps its name; otherwise the destination is its new name;
 //! - the parent directories of every target are listed (mode 0755, owned by the copier), so the
@@ -73,19 +77,21 @@ pub fn map_to_destination_with(
     is_dir_in_image: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<CopyItem>> {
     let dir_syntax = dest.is_empty() || dest == "." || dest.ends_with('/') || dest.ends_with("/.");
-    if (selection.operands.len() > 1 || selection.items.len() > 1) && !dir_syntax {
-        return Err(ContextError::DestinationNotDirectory { dest: dest.to_string() });
-    }
     let workdir = if workdir.is_empty() { "/" } else { workdir };
     let base = if dest.starts_with('/') { dest.to_string() } else { format!("{workdir}/{dest}") };
     let target_root = glob::clean(&format!("/{base}"));
-    let into_dir = dir_syntax || target_root == "/" || is_dir_in_image(&target_root);
+    let mut into_dir = dir_syntax || target_root == "/" || is_dir_in_image(&target_root);
 
     let mut plan = Plan::default();
     for item in &selection.items {
         let entry = &item.entry;
         match entry.kind {
             EntryKind::Dir => {
+                if !into_dir && plan.items.contains_key(&key(&target_root)) {
+                    return Err(ContextError::DestinationNotDirectory { dest: dest.to_string() });
+                }
+                // The directory's contents go into the destination, which is one from now on.
+                into_dir = true;
                 plan.add_parents(&target_root);
                 if target_root != "/" {
                     let mut top = copy_item(entry, target_root.clone());

@@ -47,8 +47,8 @@ pub enum ContextError {
     SymlinkLoop { operand: String, tree: String },
 
     #[error(
-        "COPY to {dest:?}: when using COPY with more than one source file, the destination \
-         must be a directory and end with a /"
+        "COPY to {dest:?}: cannot copy a directory onto the file an earlier source wrote \
+         there; end the destination with / to copy every source into a directory"
     )]
     DestinationNotDirectory { dest: String },
 

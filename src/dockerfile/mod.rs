@@ -2,6 +2,7 @@
 //! unexpanded; expansion happens per instruction in the build, with the variables of that
 //! moment (see [`expand`]).
 
+mod continuation;
 pub mod expand;
 
 use std::ops::Range;
@@ -148,6 +149,9 @@ impl Dockerfile {
     }
 
     pub fn parse(file: SourceFile) -> Result<Dockerfile, DockerfileError> {
+        // Errors and spans refer to the normalized text; it differs from the file only by
+        // whitespace after a continuation and a continuation at the very end.
+        let file = SourceFile::new(file.name.clone(), continuation::normalize(&file.text));
         let text = file.text.clone();
         if let Some((line, keyword)) = instruction_before_from(&text) {
             let span = file.line_span(line);

@@ -176,7 +176,7 @@ impl Sandbox for NamespaceSandbox {
         });
         // The init has exited, so the overlay is unmounted: the upper dir may be edited now.
         let cleaned = match &control.residue {
-            Some(residue) => residue.remove(&upper, xattrs),
+            Some(residue) => residue.remove(&upper, &request.spec.lower_dirs, xattrs),
             // Set-up failed before the command could start: all the upper dir holds (it was
             // empty) is mount points.
             None => empty_dir(&upper),

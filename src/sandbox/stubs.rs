@@ -2,14 +2,20 @@
 //!
 //! Mounting `/proc`, resolv.conf, a cache or a secret on a path the image lacks means
 //! creating a mount point in the merged rootfs, which overlayfs writes to the upper dir
-//! (together with copies of the lower parent directories it had to create it in). Those are
-//! no part of the step's result. The upper dir is empty before set-up and nothing but the
-//! set-up runs until the init reports `Ready`, so everything in it at that moment is set-up
-//! residue: it is recorded then, and after the run each recorded entry that the RUN command
-//! left exactly as it was (same inode, ctime, type, mode and owner; a file still empty; a
-//! directory still empty and not opaque) is removed, deepest first. A directory in which the
-//! command created and removed something is kept: an unchanged directory entry in a layer is
-//! harmless, a lost change is not.
+//! (together with copies of the lower parent directories it had to create it in). The upper
+//! dir is empty before set-up and nothing but the set-up runs until the init reports
+//! `Ready`, so everything in it at that moment is set-up residue: it is recorded then, and
+//! after the run each recorded entry that the RUN command left exactly as it was (same
+//! inode, ctime, type, mode and owner) is judged as docker's runtime leaves it:
+//! - an empty file (the stub of resolv.conf, hosts, a secret or a bound file) is removed;
+//! - a directory the image did not have (a cache, tmpfs, bind or `/run/secrets` mount point,
+//!   with the parents created for it) stays, empty and 0755, as docker 20.10 keeps it;
+//! - a copy of a lower directory made only to hold a stub is removed once empty and not
+//!   opaque.
+//!
+//! Removal goes deepest first. A directory in which the command created and removed
+//! something is kept: an unchanged directory entry in a layer is harmless, a lost change is
+//! not.
 
 use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
@@ -69,8 +75,14 @@ impl SetupResidue {
         self.entries.is_empty()
     }
 
-    /// Removes each recorded entry the run left untouched.
-    pub fn remove(&self, upper: &Path, xattrs: OverlayXattrs) -> std::io::Result<()> {
+    /// Removes each recorded entry the run left untouched that docker's runtime would not
+    /// leave; `lowers` are the image's layer directories the upper dir was mounted over.
+    pub fn remove(
+        &self,
+        upper: &Path,
+        lowers: &[PathBuf],
+        xattrs: OverlayXattrs,
+    ) -> std::io::Result<()> {
         // Judge every entry before removing any: removing a child changes its parent's ctime.
         let mut untouched = Vec::new();
         for (relative, recorded) in &self.entries {
@@ -89,7 +101,8 @@ impl SetupResidue {
                 continue;
             }
             if meta.is_dir() {
-                if !xattrs.is_opaque_dir(&path)? {
+                let in_image = lowers.iter().any(|lower| lower.join(relative).is_dir());
+                if in_image && !xattrs.is_opaque_dir(&path)? {
                     untouched.push((path, true));
                 }
             } else if meta.is_file() && meta.len() == 0 {
@@ -142,17 +155,30 @@ mod tests {
         std::fs::create_dir(u.join("proc")).unwrap();
         std::fs::write(u.join("tmp/new"), b"x").unwrap();
 
-        residue.remove(u, OverlayXattrs::User).unwrap();
-        assert_eq!(tree(u), vec!["etc", "etc/motd", "proc", "tmp", "tmp/new"]);
+        // The image has /etc, /run and /tmp: their copies go once empty; its /tmp/cache and
+        // /run/secrets are new mount points and stay, as docker leaves them.
+        let lower = tempfile::tempdir().unwrap();
+        for d in ["etc", "run", "tmp"] {
+            std::fs::create_dir(lower.path().join(d)).unwrap();
+        }
+        residue.remove(u, &[lower.path().to_path_buf()], OverlayXattrs::User).unwrap();
+        assert_eq!(
+            tree(u),
+            vec!["etc", "etc/motd", "proc", "run", "run/secrets", "tmp", "tmp/cache", "tmp/new"]
+        );
 
-        // An untouched /proc mount point stays, as docker's runtime leaves it.
+        // Untouched mount points the image lacked stay, with the parents made for them.
         let upper = tempfile::tempdir().unwrap();
         let u = upper.path();
         std::fs::create_dir_all(u.join("proc")).unwrap();
         std::fs::create_dir_all(u.join("mnt/cache")).unwrap();
+        std::fs::create_dir_all(u.join("etc")).unwrap();
+        std::fs::write(u.join("etc/hosts"), b"").unwrap();
         let residue = SetupResidue::record(u).unwrap();
-        residue.remove(u, OverlayXattrs::User).unwrap();
-        assert_eq!(tree(u), vec!["proc"]);
+        let lower = tempfile::tempdir().unwrap();
+        std::fs::create_dir(lower.path().join("etc")).unwrap();
+        residue.remove(u, &[lower.path().to_path_buf()], OverlayXattrs::User).unwrap();
+        assert_eq!(tree(u), vec!["mnt", "mnt/cache", "proc"]);
     }
 
     #[test]
@@ -167,7 +193,12 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(u.join("chmodded"), std::fs::Permissions::from_mode(0o700))
             .unwrap();
-        residue.remove(u, OverlayXattrs::User).unwrap();
+        // All three are copies of the image's directories.
+        let lower = tempfile::tempdir().unwrap();
+        for d in ["opaque", "chmodded", "plain"] {
+            std::fs::create_dir(lower.path().join(d)).unwrap();
+        }
+        residue.remove(u, &[lower.path().to_path_buf()], OverlayXattrs::User).unwrap();
         assert_eq!(tree(u), vec!["chmodded", "opaque"]);
     }
 }

@@ -76,8 +76,15 @@ impl Bases {
             &ctx,
         );
         std::fs::copy(common::fixture::busybox(), ctx.join("busybox")).unwrap();
-        let built = docker(&cli, &["build", "-q", "--network", "host", &ctx.to_string_lossy()])
-            .expect("docker build of the busybox base");
+        // A label unique to this run gives the base a new id, so that no case reuses a
+        // result docker cached in an earlier run: docker 20.10 reuses a WORKDIR's mkdir
+        // even with --no-cache, with that run's mtimes.
+        let run = format!("ferry.conformance.run={}", super::now());
+        let built = docker(
+            &cli,
+            &["build", "-q", "--network", "host", "--label", &run, &ctx.to_string_lossy()],
+        )
+        .expect("docker build of the busybox base");
         tag_own(&cli, &built, "busybox:latest");
 
         // bare: a busybox tree imported with an Env that has no PATH.

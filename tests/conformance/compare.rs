@@ -1,7 +1,7 @@
 //! What "ferry built what docker built" means, field by field, and the one list of
 //! build-time noise the comparison ignores. docs/CONFORMANCE.md explains each rule.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::image::{Image, Node};
 
@@ -173,11 +173,14 @@ fn compare_node(path: &str, d: &Node, f: &Node, build_start: i64, diffs: &mut Ve
             d.size, f.size
         ));
     }
-    if d.xattrs != f.xattrs {
+    // docker's layer writer keeps only file capabilities (moby's archive package, as
+    // containerd's); ferry keeps every xattr a RUN set, so only those docker keeps compare.
+    let (dx, fx) = (exported_xattrs(&d.xattrs), exported_xattrs(&f.xattrs));
+    if dx != fx {
         what.push(format!(
             "xattrs docker {:?}, ferry {:?}",
-            d.xattrs.keys().collect::<Vec<_>>(),
-            f.xattrs.keys().collect::<Vec<_>>()
+            dx.keys().collect::<Vec<_>>(),
+            fx.keys().collect::<Vec<_>>()
         ));
     }
     if d.mtime < build_start && d.mtime != f.mtime {
@@ -186,4 +189,9 @@ fn compare_node(path: &str, d: &Node, f: &Node, build_start: i64, diffs: &mut Ve
     if !what.is_empty() {
         diffs.push(format!("/{path}: {}", what.join("; ")));
     }
+}
+
+/// The xattrs docker writes into a layer.
+fn exported_xattrs(all: &BTreeMap<String, Vec<u8>>) -> BTreeMap<&String, &Vec<u8>> {
+    all.iter().filter(|(name, _)| name.as_str() == "security.capability").collect()
 }

@@ -41,15 +41,25 @@ fn several_sources_into_a_directory() {
         Some(dir.path().canonicalize().unwrap().join("b").as_path())
     );
     assert_eq!(items[2].size, 2);
-    // Without the trailing slash docker refuses.
-    let err = map_to_destination(&selection(&dir, &["a", "b"]), "/dir", "/").unwrap_err();
-    assert!(err.to_string().contains("must be a directory and end with a /"), "{err}");
-    // So it does for a glob matching several files...
-    let err = map_to_destination(&selection(&dir, &["*"]), "/dir", "/").unwrap_err();
-    assert!(matches!(err, ContextError::DestinationNotDirectory { ref dest } if dest == "/dir"));
-    // ...but a glob matching one file names the destination like a single source.
+    // Without the trailing slash each source is copied onto /dir in turn: the last wins.
+    let items = map_to_destination(&selection(&dir, &["a", "b"]), "/dir", "/").unwrap();
+    assert_eq!(plan(&items), [t("/dir", File)]);
+    assert_eq!(items[0].size, 2);
+    // A glob matching one file names the destination like a single source.
     let items = map_to_destination(&selection(&dir, &["[a]"]), "/renamed", "/").unwrap();
     assert_eq!(plan(&items), [t("/renamed", File)]);
+}
+
+#[test]
+fn several_sources_without_a_slash_follow_buildkit() {
+    let dir = context(&[("a", "1"), ("d/f", "2")]);
+    // A directory source makes the destination a directory; a later file goes into it.
+    let items = map_to_destination(&selection(&dir, &["d", "a"]), "/dest", "/").unwrap();
+    assert_eq!(plan(&items), [t("/dest", Dir), t("/dest/a", File), t("/dest/f", File)]);
+    // A directory onto the file an earlier source wrote is refused, as BuildKit's copier does.
+    let err = map_to_destination(&selection(&dir, &["a", "d"]), "/dest", "/").unwrap_err();
+    assert!(matches!(err, ContextError::DestinationNotDirectory { ref dest } if dest == "/dest"));
+    assert!(err.to_string().contains("cannot copy a directory onto the file"), "{err}");
 }
 
 #[test]
