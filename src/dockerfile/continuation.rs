@@ -66,7 +66,7 @@ fn split_ending(line: &str) -> (&str, &str) {
 /// The `# escape=` parser directive: directives are `# key=value` lines at the very top.
 fn escape_directive(text: &str) -> Option<char> {
     for line in text.lines() {
-        let Some(rest) = line.trim().strip_prefix('#') else { return None };
+        let rest = line.trim().strip_prefix('#')?;
         let (key, value) = rest.split_once('=')?;
         let key = key.trim();
         if key.is_empty() || key.contains(char::is_whitespace) {
