@@ -138,44 +138,54 @@ fn own_marker(name: &str) -> PathBuf {
 /// The bare base's tree: busybox, a dozen applets as symlinks, the account files.
 fn write_bare_tar(path: &Path) {
     let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
-    let mut add = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_600_000_000);
-        h.set_size(data.len() as u64);
-        if let Some(l) = link {
-            h.set_link_name(l).unwrap();
-        }
-        b.append_data(&mut h, path, data).unwrap();
-    };
-    for dir in ["bin", "etc", "tmp", "root"] {
-        add(dir, tar::EntryType::Directory, if dir == "tmp" { 0o1777 } else { 0o755 }, b"", None);
-    }
-    add(
-        "bin/busybox",
-        tar::EntryType::Regular,
-        0o755,
-        &std::fs::read(common::fixture::busybox()).unwrap(),
-        None,
-    );
-    for applet in
-        ["sh", "ls", "cat", "echo", "mkdir", "gzip", "id", "pwd", "env", "touch", "chmod", "chown"]
+    // The closure borrows the builder until the block ends.
     {
-        add(&format!("bin/{applet}"), tar::EntryType::Symlink, 0o777, b"", Some("busybox"));
-    }
-    let etc = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/bases/busybox/etc");
-    for f in ["passwd", "group"] {
+        let mut add =
+            |path: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>| {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(kind);
+                h.set_mode(mode);
+                h.set_uid(0);
+                h.set_gid(0);
+                h.set_mtime(1_600_000_000);
+                h.set_size(data.len() as u64);
+                if let Some(l) = link {
+                    h.set_link_name(l).unwrap();
+                }
+                b.append_data(&mut h, path, data).unwrap();
+            };
+        for dir in ["bin", "etc", "tmp", "root"] {
+            add(
+                dir,
+                tar::EntryType::Directory,
+                if dir == "tmp" { 0o1777 } else { 0o755 },
+                b"",
+                None,
+            );
+        }
         add(
-            &format!("etc/{f}"),
+            "bin/busybox",
             tar::EntryType::Regular,
-            0o644,
-            &std::fs::read(etc.join(f)).unwrap(),
+            0o755,
+            &std::fs::read(common::fixture::busybox()).unwrap(),
             None,
         );
+        for applet in [
+            "sh", "ls", "cat", "echo", "mkdir", "gzip", "id", "pwd", "env", "touch", "chmod",
+            "chown",
+        ] {
+            add(&format!("bin/{applet}"), tar::EntryType::Symlink, 0o777, b"", Some("busybox"));
+        }
+        let etc = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/bases/busybox/etc");
+        for f in ["passwd", "group"] {
+            add(
+                &format!("etc/{f}"),
+                tar::EntryType::Regular,
+                0o644,
+                &std::fs::read(etc.join(f)).unwrap(),
+                None,
+            );
+        }
     }
-    drop(add);
     b.finish().unwrap();
 }
