@@ -325,3 +325,26 @@ fn add_keeps_the_archive_mtimes_up_to_the_epoch() {
     let entries = layer_entries(store.path(), "app");
     assert_eq!(mtime_in(&entries, "x/late.txt"), 1_600_000_000, "no epoch: the archive's");
 }
+
+#[test]
+fn a_warm_cache_from_another_epoch_gives_the_digests_of_a_clean_build() {
+    // COPY keeps the context's mtimes, RUN writes new ones: under each epoch both are
+    // clamped differently, so a layer cached under one epoch is not the layer of another.
+    let dir = fleet("", "FROM bb\nCOPY static /srv/static\nRUN echo made > /made\n");
+    let late = (now() - 10).to_string();
+    let early = (OLD + 5).to_string();
+
+    let warm = tempfile::tempdir().unwrap();
+    build(dir.path(), warm.path(), Some(&late));
+    let warm_early = digests(&build(dir.path(), warm.path(), Some(&early)));
+    let clean = tempfile::tempdir().unwrap();
+    let clean_early = digests(&build(dir.path(), clean.path(), Some(&early)));
+    assert_eq!(warm_early, clean_early, "a cached layer of another epoch was reused");
+    let entries = layer_entries(warm.path(), "app");
+    assert_eq!(mtime_in(&entries, "srv/static/new.txt"), OLD + 5);
+    assert_eq!(mtime_in(&entries, "made"), OLD + 5);
+    // Back to the first epoch: its cache entries are still there and still right.
+    let again = build(dir.path(), warm.path(), Some(&late));
+    let clean_late = digests(&build(dir.path(), clean.path(), Some(&late)));
+    assert_eq!(digests(&again), clean_late);
+}

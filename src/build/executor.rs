@@ -155,6 +155,11 @@ pub enum ProgressEvent<'a> {
 }
 
 impl Executor<'_> {
+    /// The epoch every stage's cache key starts from (see [`CacheKey::scratch`]).
+    fn key_epoch(&self) -> Option<i64> {
+        self.options.source_date_epoch.clamp()
+    }
+
     fn created(&self) -> String {
         chrono::DateTime::from_timestamp(self.options.source_date_epoch.created(), 0)
             .unwrap_or_default()
@@ -332,7 +337,7 @@ impl Executor<'_> {
             layers: Vec::new(),
             diff_ids: Vec::new(),
             history: Vec::new(),
-            key: CacheKey::scratch(&self.options.platform),
+            key: CacheKey::scratch(&self.options.platform, self.key_epoch()),
             args: Vars::new(),
             declared_args: Vec::new(),
             base: None,
@@ -346,7 +351,7 @@ impl Executor<'_> {
             layers: built.layers.clone(),
             diff_ids: built.config.rootfs.diff_ids.clone(),
             history: built.config.history.clone(),
-            key: CacheKey::image(&built.manifest.digest),
+            key: CacheKey::image(&built.manifest.digest, self.key_epoch()),
             args: Vars::new(),
             declared_args: Vec::new(),
             base: Some(BaseImage {
@@ -385,7 +390,7 @@ impl Executor<'_> {
             layers: img.manifest.layers.clone(),
             diff_ids: img.config.rootfs.diff_ids.clone(),
             history: img.config.history.clone(),
-            key: CacheKey::image(img.digest()),
+            key: CacheKey::image(img.digest(), self.key_epoch()),
             args: Vars::new(),
             declared_args: Vec::new(),
             base: Some(BaseImage {
@@ -625,7 +630,7 @@ impl Executor<'_> {
             ctx.parents.get(word).or_else(|| ctx.parents.values().find(|b| b.repository == repo));
         if let Some(built) = sibling {
             return Ok(FromSource {
-                key: CacheKey::image(&built.manifest.digest),
+                key: CacheKey::image(&built.manifest.digest, self.key_epoch()),
                 layers: built.layers.clone(),
                 diff_ids: built.config.rootfs.diff_ids.clone(),
             });
@@ -750,8 +755,11 @@ impl Executor<'_> {
             }
         };
 
-        let parent_key =
-            if link { CacheKey::scratch(&self.options.platform) } else { state.key.clone() };
+        let parent_key = if link {
+            CacheKey::scratch(&self.options.platform, self.key_epoch())
+        } else {
+            state.key.clone()
+        };
         let created_by =
             format!("{keyword} {} {dest}{}", shown_sources.join(" "), history::LAYER_SUFFIX);
         let chown_key = owner.map(|(u, g)| format!("{u}:{g}")).unwrap_or_default();
@@ -900,7 +908,7 @@ impl Executor<'_> {
                             (is_add, item.kind, item.source.as_deref())
                         {
                             if let Some(archive) =
-                                self.add_archive(source, &resolved, owner).map_err(&err)?
+                                self.add_archive(source, &resolved).map_err(&err)?
                             {
                                 layer.created_dir(&resolved).map_err(&err)?;
                                 for e in archive.entries {
@@ -964,14 +972,14 @@ impl Executor<'_> {
 
     /// ADD of a local tar archive (plain, gzip, bzip2, xz or zstd) extracts it into the
     /// destination directory `dest_dir` instead of copying it, keeping the archive's owners
-    /// unless `--chown` is given (as docker's untar does). Returns None when the file is no
+    /// even with `--chown`, as docker's untar does (its --chown applies to what ADD copies,
+    /// and to the directories it creates on the way). Returns None when the file is no
     /// archive (a compressed non-tar file is copied as it is); otherwise the entries and the
     /// staging directory holding their content, to be kept until the layer is packed.
     fn add_archive(
         &self,
         source: &Path,
         dest_dir: &str,
-        owner: Option<(u32, u32)>,
     ) -> Result<Option<ExtractedArchive>, String> {
         let open = || {
             let file =
@@ -1027,10 +1035,6 @@ impl Executor<'_> {
             e.path = rebase(&e.path);
             if let crate::layer::EntryKind::Hardlink { target } = &mut e.kind {
                 *target = rebase(target);
-            }
-            if let Some((uid, gid)) = owner {
-                e.uid = uid;
-                e.gid = gid;
             }
         }
         Ok(Some(ExtractedArchive { entries, implied_dirs, staging }))

@@ -17,14 +17,21 @@ pub struct CacheKey(pub Digest);
 const KEY_VERSION: &str = "ferry-cache-v1";
 
 impl CacheKey {
-    /// The key of an empty filesystem (`FROM scratch`) for a platform.
-    pub fn scratch(platform: &str) -> CacheKey {
-        KeyBuilder::root("scratch").field("platform", platform).finish()
+    /// The key of an empty filesystem (`FROM scratch`) for a platform, under `epoch`.
+    ///
+    /// Every stage's key starts from one of these two, so the epoch is part of every
+    /// step's key: a layer packed under another epoch has other mtimes (and digest), and
+    /// reusing it would make a warm build differ from a clean one.
+    pub fn scratch(platform: &str, epoch: Option<i64>) -> CacheKey {
+        KeyBuilder::root("scratch").field("platform", platform).epoch(epoch).finish()
     }
 
-    /// The key of an image given by its manifest digest.
-    pub fn image(manifest_digest: &Digest) -> CacheKey {
-        KeyBuilder::root("image").field("digest", &manifest_digest.to_string()).finish()
+    /// The key of an image given by its manifest digest, under `epoch`.
+    pub fn image(manifest_digest: &Digest, epoch: Option<i64>) -> CacheKey {
+        KeyBuilder::root("image")
+            .field("digest", &manifest_digest.to_string())
+            .epoch(epoch)
+            .finish()
     }
 
     /// A step on top of `self`.
@@ -68,6 +75,14 @@ impl KeyBuilder {
         self
     }
 
+    /// SOURCE_DATE_EPOCH, or none (mtimes kept as they are).
+    fn epoch(self, epoch: Option<i64>) -> KeyBuilder {
+        match epoch {
+            Some(seconds) => self.field("epoch", &seconds.to_string()),
+            None => self.field("epoch", "none"),
+        }
+    }
+
     pub fn list<'a>(mut self, name: &str, values: impl IntoIterator<Item = &'a str>) -> KeyBuilder {
         self.put(name.as_bytes());
         let values: Vec<&str> = values.into_iter().collect();
@@ -89,15 +104,23 @@ mod tests {
 
     #[test]
     fn keys_depend_on_every_field_and_on_the_parent() {
-        let base = CacheKey::scratch("linux/amd64");
+        let base = CacheKey::scratch("linux/amd64", None);
         let a = base.step("run").field("argv", "echo a").finish();
         assert_eq!(a, base.step("run").field("argv", "echo a").finish());
         assert_ne!(a, base.step("run").field("argv", "echo b").finish());
         assert_ne!(a, base.step("copy").field("argv", "echo a").finish());
         assert_ne!(
             a,
-            CacheKey::scratch("linux/arm64").step("run").field("argv", "echo a").finish()
+            CacheKey::scratch("linux/arm64", None).step("run").field("argv", "echo a").finish()
         );
+        // A layer packed under another epoch is another layer.
+        assert_ne!(CacheKey::scratch("linux/amd64", Some(1)), base);
+        assert_ne!(
+            CacheKey::scratch("linux/amd64", Some(1)),
+            CacheKey::scratch("linux/amd64", Some(2))
+        );
+        let image = Digest::of(b"manifest");
+        assert_ne!(CacheKey::image(&image, Some(1)), CacheKey::image(&image, None));
         // Length prefixes keep ("ab","c") and ("a","bc") apart.
         assert_ne!(
             base.step("x").field("ab", "c").finish(),
