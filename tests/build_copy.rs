@@ -273,18 +273,23 @@ fn existing_directories_keep_their_mode_and_owner_and_symlinks_are_followed() {
 
     assert_eq!(stat(&root.join("home/app/from-tar")), (0o600, 10001, 10002));
 
-    // The layers themselves: no entry for a directory the image already has.
+    // The layers themselves: the directories the image already has above what is copied
+    // are listed as the image has them (docker's layers list them too), which the stat
+    // checks above see unchanged.
     let layers = layer_listings(store.path(), "child");
     let copies = &layers[layers.len() - 9..];
     let names =
         |l: &Vec<String>| l.iter().map(|n| n.trim_end_matches('/').to_string()).collect::<Vec<_>>();
-    assert_eq!(names(&copies[0]), ["etc/f.conf"]);
-    assert_eq!(names(&copies[1]), ["root/.profile"]);
-    assert_eq!(names(&copies[2]), ["home/app/sub", "home/app/sub/app.conf"]);
-    assert_eq!(names(&copies[3]), ["run/x.conf"]);
-    assert_eq!(names(&copies[4]), ["home/app/f", "home/app/sub", "home/app/sub/g"]);
-    assert_eq!(names(&copies[6]), ["opt/f", "opt/sub", "opt/sub/g"]);
-    assert_eq!(names(&copies[8]), ["home/app/from-tar"]);
+    assert_eq!(names(&copies[0]), ["etc", "etc/f.conf"]);
+    assert_eq!(names(&copies[1]), ["root", "root/.profile"]);
+    assert_eq!(names(&copies[2]), ["home", "home/app", "home/app/sub", "home/app/sub/app.conf"]);
+    assert_eq!(names(&copies[3]), ["run", "run/x.conf"]);
+    assert_eq!(
+        names(&copies[4]),
+        ["home", "home/app", "home/app/f", "home/app/sub", "home/app/sub/g"]
+    );
+    assert_eq!(names(&copies[6]), ["opt", "opt/f", "opt/sub", "opt/sub/g"]);
+    assert_eq!(names(&copies[8]), ["home", "home/app", "home/app/from-tar"]);
 }
 
 #[test]
@@ -654,4 +659,38 @@ fn add_archive_and_heredoc_layers_are_reproducible() {
     assert_eq!(layers.len(), 3);
     assert!(layers[0].iter().any(|n| n == "x/pkg/bin/tool"), "{:?}", layers[0]);
     assert!(layers[2].iter().any(|n| n == "y/top.txt"), "{:?}", layers[2]);
+}
+
+#[test]
+fn a_copy_or_workdir_below_a_directory_keeps_that_directory_s_owner_for_later_runs() {
+    // The idiom: an account's home made by a RUN, then USER, WORKDIR and COPY inside it,
+    // then a RUN there. The COPY and WORKDIR layers list the home as the image has it;
+    // otherwise their snapshots would show it to the next RUN as 0755 root.
+    let dir = project(&[
+        ("images.toml", &manifest(&["bb", "child"])),
+        ("bb/Dockerfile", &format!("{BUSYBOX_BASE}{BB}")),
+        (
+            "child/Dockerfile",
+            "FROM bb\n\
+             RUN mkdir -p /home/svc && chmod 700 /home/svc && chown 1500:1500 /home/svc\n\
+             USER 1500:1500\n\
+             WORKDIR /home/svc/work\n\
+             COPY --chown=1500:1500 f.conf /home/svc/conf/\n\
+             RUN touch /home/svc/work/here /home/svc/conf/more\n",
+        ),
+        ("child/f.conf", "conf"),
+    ]);
+    let store = tempfile::tempdir().unwrap();
+    build_json(dir.path(), store.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let root = umoci_unpack(store.path(), "child", work.path());
+    assert_eq!(stat(&root.join("home/svc")), (0o700, 1500, 1500));
+    assert_eq!(stat(&root.join("home/svc/work")), (0o755, 1500, 1500));
+    assert_eq!(stat(&root.join("home/svc/work/here")), (0o644, 1500, 1500));
+    assert_eq!(stat(&root.join("home/svc/conf/more")), (0o644, 1500, 1500));
+    assert_eq!(stat(&root.join("home")), (0o755, 0, 0));
+    // The WORKDIR layer lists the parents too.
+    let listings = layer_listings(store.path(), "child");
+    let workdir_layer = &listings[listings.len() - 3];
+    assert_eq!(workdir_layer, &["home/", "home/svc/", "home/svc/work/"]);
 }

@@ -952,8 +952,7 @@ impl Executor<'_> {
                             .with_mode(chmod.unwrap_or(0o600));
                     layer.file(entry).map_err(&err)?;
                 }
-                let packed =
-                    self.pack(layer.entries.into_values().collect(), &created_by).map_err(err);
+                let packed = self.pack(layer.into_entries(), &created_by).map_err(err);
                 drop(staging);
                 packed
             })?;
@@ -1320,7 +1319,7 @@ impl Executor<'_> {
                     source_root: None,
                 };
                 layer.created_dir(&resolved).map_err(err)?;
-                self.pack(layer.entries.into_values().collect(), &created_by).map_err(err)
+                self.pack(layer.into_entries(), &created_by).map_err(err)
             })
             .map_err(|e| e.to_string())?;
         Ok(status)
@@ -1648,6 +1647,42 @@ struct CopyLayer<'a> {
 }
 
 impl CopyLayer<'_> {
+    /// The layer's entries, with every directory of the image above them as the image has
+    /// it (mode, owner, mtime), as docker's layers list the parents of what changed. Without
+    /// them the layer's snapshot would have those directories as 0755 root, and overlayfs,
+    /// which takes a merged directory's metadata from its top-most layer, would show that to
+    /// the next RUN: a `useradd -m` home lost its owner under a later `WORKDIR` in it.
+    fn into_entries(mut self) -> Vec<LayerEntry> {
+        let mut parents = Vec::new();
+        // Each directory is looked up once: a copy of many files shares its parents.
+        let mut seen = std::collections::HashSet::new();
+        for path in self.entries.keys() {
+            let mut prefix = path.as_str();
+            while let Some((parent, _)) = prefix.rsplit_once('/') {
+                prefix = parent;
+                if !seen.insert(parent) {
+                    break;
+                }
+                if self.entries.contains_key(parent) {
+                    continue;
+                }
+                if let Some(info) = self.image.get(parent).filter(|i| i.kind == PathKind::Dir) {
+                    parents.push(
+                        LayerEntry::dir(parent.to_string())
+                            .with_mode(info.mode)
+                            .with_owner(info.uid, info.gid)
+                            .with_mtime(info.mtime),
+                    );
+                }
+            }
+        }
+        for entry in parents {
+            let path = strip_root(&entry.path.to_string_lossy());
+            self.entries.entry(path).or_insert(entry);
+        }
+        self.entries.into_values().collect()
+    }
+
     /// Create directory `path` (absolute) and its missing parents, keeping what exists.
     fn created_dir(&mut self, path: &str) -> Result<(), String> {
         // Through the image's symlinks, as mkdir -p goes (debian's /var/run → /run).

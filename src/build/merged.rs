@@ -39,6 +39,8 @@ pub struct PathInfo {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Seconds since 1970.
+    pub mtime: i64,
 }
 
 /// The layers of one image, top layer first, as snapshot directories.
@@ -164,7 +166,8 @@ impl MergedView {
 
     /// What is at `path` (an absolute path in the image, symlinks not followed).
     pub fn get(&self, path: &str) -> Option<PathInfo> {
-        const ROOT: PathInfo = PathInfo { kind: PathKind::Dir, mode: 0o755, uid: 0, gid: 0 };
+        const ROOT: PathInfo =
+            PathInfo { kind: PathKind::Dir, mode: 0o755, uid: 0, gid: 0, mtime: 0 };
         if path.split('/').all(|c| c.is_empty() || c == ".") {
             return Some(ROOT);
         }
@@ -335,7 +338,7 @@ fn path_info(node: &Node) -> PathInfo {
         PathKind::Special
     };
     let (uid, gid) = crate::userns::image_owner(node.meta.uid(), node.meta.gid());
-    PathInfo { kind, mode: node.meta.mode() & 0o7777, uid, gid }
+    PathInfo { kind, mode: node.meta.mode() & 0o7777, uid, gid, mtime: node.meta.mtime() }
 }
 
 /// A whiteout in a snapshot: a character device 0/0, as overlayfs writes them.
