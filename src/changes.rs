@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
-use std::process::Command;
 
 use crate::graph::Graph;
 use crate::manifest::Manifest;
@@ -155,17 +154,8 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
 }
 
 fn git_with(dir: &Path, args: &[&str], index: Option<&Path>) -> Result<String, String> {
-    let mut cmd = Command::new("git");
-    cmd.arg("-C").arg(dir).args(args);
-    if let Some(i) = index {
-        cmd.env("GIT_INDEX_FILE", i);
-    }
-    let out = cmd.output().map_err(|e| format!("cannot run git: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+    let env: Vec<(&str, &Path)> = index.map(|i| ("GIT_INDEX_FILE", i)).into_iter().collect();
+    crate::git::run(dir, args, &env)
 }
 
 /// The working tree as git objects, through a private copy of the index (the user's index

@@ -9,6 +9,7 @@ pub mod context;
 pub mod diagnostic;
 pub mod digest;
 pub mod dockerfile;
+pub mod git;
 pub mod graph;
 pub mod layer;
 pub mod manifest;

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 use serde::Serialize;
 
@@ -107,11 +106,7 @@ impl SourceInfo {
             if !ask_git {
                 return None;
             }
-            let out = Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
-            out.status
-                .success()
-                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-                .filter(|s| !s.is_empty())
+            crate::git::run(dir, args, &[]).ok().filter(|s| !s.is_empty())
         };
         let env = |names: &[&str]| {
             names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
@@ -328,7 +323,7 @@ mod tests {
     use super::*;
 
     fn git(dir: &Path, args: &[&str]) -> String {
-        let out = Command::new("git")
+        let out = std::process::Command::new("git")
             .arg("-C")
             .arg(dir)
             .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"])

@@ -238,6 +238,7 @@ pub fn image_owner(uid: u32, gid: u32) -> (u32, u32) {
 pub fn apply_maps(pid: u32, maps: &IdMaps) -> Result<(), String> {
     for (helper, map) in [("newuidmap", &maps.uid), ("newgidmap", &maps.gid)] {
         let program = find_helper(helper).ok_or_else(|| format!("{helper} is not installed"))?;
+        crate::report::work::process_started();
         let mut command = std::process::Command::new(&program);
         command.arg(pid.to_string());
         for m in map {
@@ -320,6 +321,7 @@ fn run_in_namespace(exe: &Path, maps: &IdMaps) -> Result<i32, Entry> {
     let child_reads = OwnedFd::from(child_reads);
     let (w, r) = (child_writes.as_raw_fd(), child_reads.as_raw_fd());
 
+    crate::report::work::process_started();
     let mut command = std::process::Command::new(exe);
     command.args(std::env::args_os().skip(1));
     // SAFETY: only async-signal-safe system calls between fork and exec; the descriptors

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::accounts;
 use super::cache::{CacheIndex, CachedLayer};
 use super::cache_mount::{self, CacheMount};
 use super::config::{self, StageFlags};
@@ -16,7 +17,6 @@ use super::download::download;
 use super::history;
 use super::key::CacheKey;
 use super::merged::{MergedView, PathKind};
-use super::rootfs;
 use super::scheduler::{self, Job, Outcome};
 use super::scratch::{self, BindFrom, FromSource};
 use super::shared_cache::SharedCache;
@@ -144,6 +144,8 @@ pub struct Executor<'a> {
     pub sandbox: &'a dyn Sandbox,
     pub stat_cache: &'a StatCache,
     pub options: &'a BuildOptions,
+    /// The revision and source labels of each image, by name.
+    pub provenance: &'a BTreeMap<String, labels::Provenance>,
     /// Called with each line of RUN output and each step as it starts.
     pub progress: &'a (dyn Fn(&str, ProgressEvent<'_>) + Sync),
 }
@@ -743,17 +745,6 @@ impl Executor<'_> {
                     .into(),
             ));
         }
-        let owner = match &chown {
-            None => None,
-            Some(spec) => {
-                let mut read = |p: &str| rootfs::read_file(self.store, &state.layers, p);
-                Some(
-                    rootfs::resolve_owner(spec, &mut read)
-                        .map_err(|e| err(e.to_string()))?
-                        .map_err(|m| err(format!("{keyword} --chown={spec}: {m}")))?,
-                )
-            }
-        };
 
         let parent_key = if link {
             CacheKey::scratch(&self.options.platform, self.key_epoch())
@@ -762,7 +753,9 @@ impl Executor<'_> {
         };
         let created_by =
             format!("{keyword} {} {dest}{}", shown_sources.join(" "), history::LAYER_SUFFIX);
-        let chown_key = owner.map(|(u, g)| format!("{u}:{g}")).unwrap_or_default();
+        // The spec as written: the parent key stands for the /etc/passwd it resolves
+        // through, so a hit needs no name looked up (and no file of the stage read).
+        let chown_key = chown.clone().unwrap_or_default();
         let chmod_key = chmod.map(|m| format!("{m:o}")).unwrap_or_default();
 
         // `--from`: the source's key stands for its whole content, so an alias key made of
@@ -872,11 +865,22 @@ impl Executor<'_> {
             self.layer_step(image_name, state, key.clone(), created_by.clone(), || {
                 // What the stage already has where this copy writes (its directories are kept,
                 // its symlinks followed). `--link` must not depend on it, by definition.
-                let image = if link {
-                    MergedView::default()
-                } else {
+                let stage = || {
                     MergedView::open(self.store, &lower_layers, &lower_diff_ids)
-                        .map_err(|e| err(format!("reading the stage's filesystem: {e}")))?
+                        .map_err(|e| err(format!("reading the stage's filesystem: {e}")))
+                };
+                let image = if link { MergedView::default() } else { stage()? };
+                // Names resolve through the stage's accounts, `--link` or not (BuildKit).
+                let owner = match &chown {
+                    None => None,
+                    Some(spec) => {
+                        let accounts = if link { stage()? } else { image.clone() };
+                        Some(
+                            accounts::resolve_owner_in(spec, &accounts)
+                                .map_err(|e| err(format!("reading /etc/passwd: {e}")))?
+                                .map_err(|m| err(format!("{keyword} --chown={spec}: {m}")))?,
+                        )
+                    }
                 };
                 let abs = config::clean_path(&if dest.starts_with('/') {
                     dest.clone()
@@ -1154,9 +1158,8 @@ impl Executor<'_> {
         let line = ins.line;
         self.layer_step(&ctx.image.name, state, key, created_by.clone(), || {
             let io = |what: &str, e: &dyn std::fmt::Display| err(format!("{what}: {e}"));
-            let lower_dirs = MergedView::open(self.store, &lower_layers, &lower_diff_ids)
-                .map_err(|e| io("the layers RUN starts from", &e))?
-                .into_layer_dirs();
+            let lower_view = MergedView::open(self.store, &lower_layers, &lower_diff_ids)
+                .map_err(|e| io("the layers RUN starts from", &e))?;
             let tmp = self.store.tmp_dir();
             std::fs::create_dir_all(&tmp).map_err(|e| io("store tmp", &e))?;
             // Bind mounts from a stage or image: their scratch trees live until the step ran.
@@ -1185,8 +1188,7 @@ impl Executor<'_> {
             let (uid, gid) = if user.is_empty() {
                 (0, 0)
             } else {
-                let mut read = |p: &str| rootfs::read_file(self.store, &lower_layers, p);
-                rootfs::resolve_owner(&user, &mut read)
+                accounts::resolve_owner_in(&user, &lower_view)
                     .map_err(|e| io("reading /etc/passwd", &e))?
                     .map_err(|m| err(format!("USER {user}: {m}")))?
             };
@@ -1194,11 +1196,11 @@ impl Executor<'_> {
             // `/`. It is not in the key: the user and the filesystem it comes from are.
             let mut env = env.clone();
             if !env.contains_key("HOME") {
-                let passwd = rootfs::read_file(self.store, &lower_layers, "/etc/passwd")
-                    .map_err(|e| io("reading /etc/passwd", &e))?
-                    .unwrap_or_default();
-                env.insert("HOME".into(), rootfs::home_of(&passwd, uid));
+                let home = accounts::home_in(&lower_view, uid)
+                    .map_err(|e| io("reading /etc/passwd", &e))?;
+                env.insert("HOME".into(), home);
             }
+            let lower_dirs = lower_view.into_layer_dirs();
             let mut spec = RunSpec {
                 lower_dirs,
                 upper_dir: upper.clone(),
@@ -1299,16 +1301,15 @@ impl Executor<'_> {
             .layer_step(&ctx.image.name, state, key, created_by.clone(), || {
                 let err =
                     |m: String| BuildError::Image { image: ctx.image.name.clone(), message: m };
+                let image = MergedView::open(self.store, &lower_layers, &lower_diff_ids)
+                    .map_err(|e| err(format!("reading the stage's filesystem: {e}")))?;
                 let owner = if user.is_empty() {
                     (0, 0)
                 } else {
-                    let mut read = |p: &str| rootfs::read_file(self.store, &lower_layers, p);
-                    rootfs::resolve_owner(&user, &mut read)
-                        .map_err(|e| err(e.to_string()))?
+                    accounts::resolve_owner_in(&user, &image)
+                        .map_err(|e| err(format!("reading /etc/passwd: {e}")))?
                         .unwrap_or((0, 0))
                 };
-                let image = MergedView::open(self.store, &lower_layers, &lower_diff_ids)
-                    .map_err(|e| err(format!("reading the stage's filesystem: {e}")))?;
                 let resolved = image.resolve(&path).map_err(err)?;
                 let mut layer = CopyLayer {
                     image: &image,
@@ -1483,7 +1484,7 @@ impl Executor<'_> {
             image,
             &self.created(),
             state.base.as_ref(),
-            &labels::Provenance::discover(image),
+            &self.provenance.get(&image.name).cloned().unwrap_or_default(),
         );
         let (os, arch) = self.options.platform.split_once('/').unwrap_or(("linux", "amd64"));
         let config = ImageConfig {

@@ -35,6 +35,8 @@ pub struct BuildReport {
     /// Why `--cache-to` wrote nothing (a warning: the images are built).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_to_error: Option<String>,
+    /// The costly work the build process did, from its start to the end of the build.
+    pub work: crate::report::work::Work,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,8 +99,15 @@ pub fn build_fleet(
         }
         ProgressEvent::Output(bytes) => on_event(FleetEvent::Output { image, bytes }),
     };
+    // Asked once for the fleet (and remembered per commit), not once per image.
+    let provenance = crate::release::labels::Provenance::for_images(
+        &manifest.root,
+        store,
+        manifest.images.values().filter(|i| selected.contains(&i.name)),
+    );
     let executor = Executor {
         store,
+        provenance: &provenance,
         cache: &cache,
         shared,
         sandbox,
@@ -194,6 +203,7 @@ pub fn build_fleet(
         cache_from: shared.map(SharedCache::import_report),
         cache_to: None,
         cache_to_error: None,
+        work: crate::report::work::so_far(),
     })
 }
 

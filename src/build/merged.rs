@@ -179,6 +179,25 @@ impl MergedView {
         self.get(path).is_some_and(|i| i.kind == PathKind::Dir)
     }
 
+    /// The content of the regular file at `path`, symlinks followed inside the image (as a
+    /// process in the image would open it); None when no regular file is there. A file over
+    /// `limit` bytes is an error: the account databases read this way are a few kilobytes,
+    /// and an image claiming one of gigabytes must not exhaust memory.
+    pub fn read_file(&self, path: &str, limit: u64) -> io::Result<Option<Vec<u8>>> {
+        let resolved = self.resolve(path).map_err(io::Error::other)?;
+        let Some(node) = self.lookup(&resolved)? else { return Ok(None) };
+        if !node.meta.is_file() {
+            return Ok(None);
+        }
+        if node.meta.len() > limit {
+            return Err(io::Error::other(format!(
+                "{path} is {} bytes; more than the {limit} read from an image",
+                node.meta.len()
+            )));
+        }
+        fs::read(&node.host).map(Some)
+    }
+
     /// `path` with every symlink on it followed inside the image (a link never leads out:
     /// `..` stops at the root, an absolute target starts again from it).
     pub fn resolve(&self, path: &str) -> Result<String, String> {
@@ -412,6 +431,23 @@ mod tests {
         assert_eq!(view.resolve("/var-run/lock").unwrap(), "/run/lock");
         assert_eq!(view.resolve("/../etc/./x/..").unwrap(), "/etc");
         assert!(view.resolve("/loop/x").is_err());
+    }
+
+    #[test]
+    fn read_file_follows_links_honours_whiteouts_and_refuses_huge_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let view = stack(tmp.path());
+        assert_eq!(view.read_file("/etc/passwd", 100).unwrap().unwrap(), b"root");
+        assert_eq!(view.read_file("/lib/a.so", 100).unwrap().unwrap(), b"a", "through a link");
+        assert_eq!(view.read_file("/usr/lib/b.so", 100).unwrap(), None, "whited out");
+        assert_eq!(view.read_file("/usr/lib", 100).unwrap(), None, "a directory");
+        assert_eq!(view.read_file("/nowhere", 100).unwrap(), None);
+        // A sparse file claiming 1 GiB: refused on its size, nothing read.
+        let huge = tmp.path().join("top/etc/group");
+        fs::create_dir_all(huge.parent().unwrap()).unwrap();
+        fs::File::create(&huge).unwrap().set_len(1 << 30).unwrap();
+        let err = view.read_file("/etc/group", 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("/etc/group is 1073741824 bytes"), "{err}");
     }
 
     #[test]

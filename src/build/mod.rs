@@ -2,6 +2,7 @@
 //! the stage executor runs each Dockerfile instruction with cache keys as BuildKit derives
 //! them (DESIGN.md sections 6–8).
 
+pub mod accounts;
 pub mod bases;
 pub mod cache;
 pub mod cache_mount;

@@ -119,7 +119,7 @@ pub(super) fn build_selected(
         jobs: global.jobs(),
         no_cache: mode.no_cache,
         keep_going: mode.keep_going,
-        source_date_epoch: source_date_epoch(manifest).map_err(invalid)?,
+        source_date_epoch: source_date_epoch(manifest, store).map_err(invalid)?,
         compression: layer_compression(manifest.project.compression),
         platform: ferry::oci::Platform::host().to_string(),
         build_args: inputs.build_args(),
@@ -247,7 +247,9 @@ pub fn run(global: &GlobalArgs, args: BuildArgs, printer: &Printer) -> CliResult
             .map_err(|m| CliError::invalid(miette::miette!("{m}")))?;
     }
     if printer.json {
+        // The whole command's work: the export and the cache export count too.
         let mut value = serde_json::to_value(&report).unwrap_or_default();
+        value["work"] = serde_json::to_value(ferry::report::work::so_far()).unwrap_or_default();
         value["bases"] = serde_json::to_value(&bases).unwrap_or_default();
         printer.json(&value);
     } else {
@@ -374,7 +376,7 @@ fn load_secret(spec: &str) -> Result<(String, Vec<u8>), String> {
 /// `source_date_epoch`, whose default is the HEAD commit's time in a git checkout and no
 /// epoch (mtimes kept, as docker does) outside one. Without an epoch, what the build
 /// creates gets the time it started.
-pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<Epoch, String> {
+pub(super) fn source_date_epoch(manifest: &Manifest, store: &Store) -> Result<Epoch, String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -388,10 +390,10 @@ pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<Epoch, String> {
     match manifest.project.source_date_epoch {
         EpochSetting::Seconds(s) => Ok(Epoch::Clamp(s)),
         EpochSetting::Unset => Ok(Epoch::Unset { now }),
-        EpochSetting::Git => head_commit_time(&manifest.root)
+        EpochSetting::Git => head_commit_time(&manifest.root, store)
             .map(Epoch::Clamp)
             .map_err(|e| format!("source_date_epoch = \"git\": {e}")),
-        EpochSetting::Auto => match head_commit_time(&manifest.root) {
+        EpochSetting::Auto => match head_commit_time(&manifest.root, store) {
             Ok(t) => Ok(Epoch::Clamp(t)),
             Err(why) => {
                 tracing::debug!("no SOURCE_DATE_EPOCH: {why}; mtimes are kept");
@@ -401,19 +403,12 @@ pub(super) fn source_date_epoch(manifest: &Manifest) -> Result<Epoch, String> {
     }
 }
 
-/// The committer time of HEAD of the git work tree `dir` is in.
-fn head_commit_time(dir: &std::path::Path) -> Result<i64, String> {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(["log", "-1", "--format=%ct"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run git: {e}"))?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|_| "the project has no commit to take the time from".to_string())
+/// The committer time of HEAD of the git work tree `dir` is in (remembered per commit in
+/// the store: a build of a commit seen before starts no git).
+fn head_commit_time(dir: &std::path::Path, store: &Store) -> Result<i64, String> {
+    ferry::git::HeadFacts::of(dir, Some(store))
+        .ok_or_else(|| "the project has no commit to take the time from".to_string())?
+        .time()
 }
 
 pub fn human_size(bytes: u64) -> String {

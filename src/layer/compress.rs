@@ -157,6 +157,7 @@ pub fn decompressing_reader<R: Read>(
     inner: R,
     compression: Compression,
 ) -> io::Result<Decompressor<R>> {
+    crate::report::work::decompression_started();
     let decoder = match compression {
         Compression::None => Decoder::None(inner),
         Compression::Gzip => Decoder::Gzip(flate2::read::MultiGzDecoder::new(inner)),

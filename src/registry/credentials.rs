@@ -237,6 +237,7 @@ fn run_helper_store(
     secret: &Secret,
 ) -> Result<(), String> {
     let program = format!("docker-credential-{helper}");
+    crate::report::work::process_started();
     let mut child = Command::new(&program)
         .arg("store")
         .stdin(Stdio::piped())

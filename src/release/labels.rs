@@ -17,11 +17,11 @@
 //! inherited from the parent image (equal to the parent's) is not this image's.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
 use crate::manifest::Image;
+use crate::store::Store;
 
 pub const VERSION: &str = "org.opencontainers.image.version";
 pub const REVISION: &str = "org.opencontainers.image.revision";
@@ -44,7 +44,7 @@ pub struct BaseImage {
     pub labels: BTreeMap<String, String>,
 }
 
-/// Facts about the source that labels use, found once per image.
+/// Facts about the source that labels use.
 #[derive(Debug, Clone, Default)]
 pub struct Provenance {
     pub revision: Option<String>,
@@ -52,37 +52,45 @@ pub struct Provenance {
 }
 
 impl Provenance {
-    /// Ask git about the image's inputs: the last commit touching them, and the `origin`
-    /// remote's URL (without credentials). Outside a git repository, nothing.
-    pub fn discover(image: &Image) -> Provenance {
-        // Absolute paths: the context is relative to the process's directory, and git is
-        // run from inside the context.
-        let Ok(dir) = std::fs::canonicalize(&image.context) else {
-            return Provenance::default();
+    /// The provenance of each image of `images`, by name, from what git says of HEAD: the
+    /// last commit touching the image's context or Dockerfile, and the `origin` remote's
+    /// URL (without credentials). Git runs once for the whole fleet, and not at all for a
+    /// commit `store` has seen (see [`crate::git`]). Outside a git repository, nothing.
+    pub fn for_images<'a>(
+        root: &Path,
+        store: &Store,
+        images: impl IntoIterator<Item = &'a Image>,
+    ) -> BTreeMap<String, Provenance> {
+        let images: Vec<&Image> = images.into_iter().collect();
+        let Some(mut head) = crate::git::HeadFacts::of(root, Some(store)) else {
+            return images.iter().map(|i| (i.name.clone(), Provenance::default())).collect();
         };
-        let mut paths = vec![dir.clone()];
-        if let Ok(df) = std::fs::canonicalize(&image.dockerfile) {
-            if !df.starts_with(&dir) {
-                paths.push(df);
-            }
-        }
-        let dir = &dir;
-        let mut args: Vec<String> =
-            vec!["log".into(), "-1".into(), "--format=%H".into(), "--".into()];
-        args.extend(paths.iter().map(|p| p.to_string_lossy().to_string()));
-        let revision = git(dir, &args);
-        let source = git(dir, &["config".into(), "--get".into(), "remote.origin.url".into()])
-            .map(|u| strip_credentials(&u));
-        Provenance { revision, source }
+        let inputs: Vec<Vec<PathBuf>> = images
+            .iter()
+            .map(|image| {
+                let mut paths = vec![image.context.clone()];
+                // A Dockerfile outside its context is an input of its own.
+                if let (Ok(df), Ok(ctx)) = (
+                    std::fs::canonicalize(&image.dockerfile),
+                    std::fs::canonicalize(&image.context),
+                ) {
+                    if !df.starts_with(&ctx) {
+                        paths.push(df);
+                    }
+                }
+                paths
+            })
+            .collect();
+        let revisions = head.revisions(&inputs);
+        let source = head.origin().map(|u| strip_credentials(&u));
+        images
+            .iter()
+            .zip(revisions)
+            .map(|(image, revision)| {
+                (image.name.clone(), Provenance { revision, source: source.clone() })
+            })
+            .collect()
     }
-}
-
-fn git(dir: &Path, args: &[String]) -> Option<String> {
-    let out = Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
 }
 
 /// `https://user:token@host/x` → `https://host/x`: labels are public.

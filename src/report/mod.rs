@@ -1,1 +1,3 @@
-//! report (see DESIGN.md).
+//! What a command reports about its own work, beyond its results.
+
+pub mod work;

@@ -131,6 +131,7 @@ impl Sandbox for NamespaceSandbox {
         let output_writer_2 = output_writer
             .try_clone()
             .map_err(|e| SandboxError::io("cannot create the sandbox's output pipe", e))?;
+        crate::report::work::process_started();
         let mut command = Command::new(&self.init_exe);
         command
             .arg(INIT_ARG)
